@@ -1,0 +1,141 @@
+"""Classical registration: gradient descent on the energy of Eq. 1 (Eq. 2 of the paper).
+
+``disp_{t+1} = disp_t - eta_t * grad E(disp_t)``, with ``E = L_sim(fixed, moving ∘ disp) + lam * L_reg(disp)``.
+Two step rules: Adam (the default; an adaptive ``eta_t``), and plain gradient descent with a fixed step.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ._checks import check_disp, check_image, check_options, check_same_spatial
+from .config import default_device
+from .losses import Objective
+from .result import RegistrationResult
+from .warp import resize_disp
+
+__all__ = ["register", "RegistrationDivergedError", "DEFAULT_LR"]
+
+#: Default step sizes. Adam: roughly voxels per iteration. GD: per-voxel step (see :func:`register`).
+DEFAULT_LR = {"adam": 0.1, "gd": 0.2}
+
+
+class RegistrationDivergedError(RuntimeError):
+    """The energy became NaN or inf: the step size is too large for this problem."""
+
+
+def _downsample(x: Tensor, factor: int) -> Tensor:
+    if factor == 1:
+        return x
+    size = [max(2, s // factor) for s in x.shape[2:]]
+    return F.interpolate(x, size=size, mode="bilinear" if x.dim() == 4 else "trilinear", align_corners=True)
+
+
+def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int | Sequence[int] = 200,
+             optimizer: str = "adam", lr: float | None = None, similarity: str = "lncc", win: int = 5,
+             levels: int = 1, init_disp: Tensor | None = None, record_every: int = 0,
+             device: torch.device | str | None = None, progress: bool = False,
+             callback: Callable[[int, Tensor, dict], None] | None = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` by minimising ``L_sim + lam * diffusion`` over a dense displacement.
+
+    Args:
+        fixed, moving: ``(B, C, *spatial)`` images, 2D or 3D, intensities in about [0, 1].
+        lam: weight λ of the diffusion regulariser (displacements in voxels).
+        iterations: steps per resolution level (one number for all levels, or one per level, coarse to fine).
+        optimizer: ``"adam"`` (adaptive step) or ``"gd"`` (plain gradient descent, Eq. 2 with a fixed step).
+        lr: step size. For Adam, about the largest move per iteration in voxels (default 0.1). For GD, ``eta``
+            per voxel: the energies are means over ``N`` voxels, so the applied step is ``eta_t = lr * N``, which
+            keeps ``lr`` independent of the image size (default 0.2; with ``lam=1`` it diverges above about 0.4).
+        similarity: ``"lncc"`` (loss ``1 - LNCC``, window ``win``) or ``"mse"``.
+        levels: number of resolution levels (1 = full resolution only; 3 = 1/4, 1/2, 1).
+        init_disp: optional starting displacement ``(B, ndim, *spatial)`` in voxels (default zero).
+        record_every: keep a copy of the displacement every this many iterations of the finest level
+            (0 keeps none), for stepping through the optimisation.
+        device: where to compute; default CUDA when available, else the CPU. The result comes back on
+            ``fixed``'s device.
+        progress: show a tqdm progress bar.
+        callback: called as ``callback(iteration, disp, terms)`` after every step (``terms`` holds floats).
+    Returns:
+        :class:`RegistrationResult` with ``disp`` ``(B, ndim, *spatial)``, ``trace`` holding ``energy``,
+        ``similarity`` and ``regulariser`` per iteration (all levels, coarse first), ``states`` and
+        ``state_steps`` when ``record_every > 0``, and ``info`` with the options and per-level iteration counts.
+    Raises:
+        RegistrationDivergedError: when the energy stops being finite (lower ``lr``).
+    """
+    check_options(optimizer, ("adam", "gd"), "optimizer")
+    ndim = check_image(fixed, "fixed")
+    check_image(moving, "moving")
+    if fixed.shape != moving.shape:
+        raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must have the same shape")
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    its = [int(iterations)] * levels if isinstance(iterations, int) else [int(i) for i in iterations]
+    if len(its) != levels or min(its) < 0:
+        raise ValueError(f"iterations must be one count >= 0 or {levels} of them, got {iterations}")
+    lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    out_device = fixed.device
+    device = torch.device(device) if device is not None else default_device()
+    fixed, moving = fixed.to(device).float(), moving.to(device).float()
+    objective = Objective(similarity, "diffusion", lam, win=win)
+
+    if init_disp is not None:
+        check_disp(init_disp, "init_disp")
+        check_same_spatial(fixed, init_disp, "fixed", "init_disp")
+        disp = init_disp.detach().to(device).float()
+    else:
+        disp = fixed.new_zeros(fixed.shape[0], ndim, *fixed.shape[2:])
+
+    trace: dict[str, list[float]] = {"energy": [], "similarity": [], "regulariser": []}
+    states: list[Tensor] = []
+    state_steps: list[int] = []
+    start = time.perf_counter()
+    bar = tqdm(total=sum(its), desc="register", disable=not progress, leave=False)
+    for level in range(levels):
+        factor = 2 ** (levels - 1 - level)
+        f_l, m_l = _downsample(fixed, factor), _downsample(moving, factor)
+        d = resize_disp(disp, f_l.shape[2:]).clone().requires_grad_(True)
+        opt = torch.optim.Adam([d], lr=lr) if optimizer == "adam" else None
+        eta = lr * f_l[0, 0].numel()
+        finest = level == levels - 1
+        if finest and record_every:
+            states.append(d.detach().clone())
+            state_steps.append(0)
+        for it in range(its[level]):
+            energy, sim, reg = objective.terms(f_l, m_l, d)
+            if not torch.isfinite(energy):
+                raise RegistrationDivergedError(
+                    f"energy became {energy.item()} at level {level}, iteration {it}; lower lr (now {lr})")
+            grad, = torch.autograd.grad(energy, d)
+            with torch.no_grad():
+                if opt is not None:
+                    d.grad = grad
+                    opt.step()
+                else:
+                    d.sub_(eta * grad)
+            terms = {"energy": energy.item(), "similarity": sim.item(), "regulariser": reg.item()}
+            for k, v in terms.items():
+                trace[k].append(v)
+            if finest and record_every and (it + 1) % record_every == 0:
+                states.append(d.detach().clone())
+                state_steps.append(it + 1)
+            if callback is not None:
+                callback(it, d.detach(), terms)
+            bar.update(1)
+        disp = d.detach()
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    if not torch.isfinite(disp).all():
+        raise RegistrationDivergedError("the displacement holds NaN or inf; lower lr")
+    info = {"optimizer": optimizer, "lr": lr, "lam": lam, "similarity": similarity, "levels": levels,
+            "iterations": its, "device": str(device)}
+    return RegistrationResult(disp=disp.to(out_device), states=[s.to(out_device) for s in states],
+                              state_steps=state_steps, trace=trace, info=info, time=elapsed)

@@ -1,0 +1,195 @@
+"""Similarity and regularisation terms, and the registration objective of Eq. 1.
+
+**Sign convention.** :func:`lncc` and :func:`ncc`-style functions are *similarities*: higher is better, 1 means a
+perfect local linear match, -1 a perfect inverted match. A *loss* to minimise is ``1 - lncc(...)``;
+:class:`Objective` does that for you. :func:`mse` and :func:`diffusion` are already losses (lower is better).
+
+Each objective term is available as a stateless function and through :class:`Objective`, which gives both the
+``energy`` and its ``grad`` with respect to the displacement, so that a classical gradient step (Eq. 2) and a
+learned step read alike (as in GraDIRN).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_disp, check_image, check_options, check_same_spatial
+from .warp import warp
+
+__all__ = ["box_mean", "lncc", "mse", "diffusion", "Objective", "LNCC", "Diffusion"]
+
+_POOLS = {2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def box_mean(x: Tensor, win: int) -> Tensor:
+    """Mean over a ``win``-wide box around every voxel, with zeros outside the image.
+
+    Separable: one 1D average per spatial axis, so the cost grows with ``win``, not ``win**ndim``.
+    Args:
+        x: ``(B, C, *spatial)``.
+    Returns:
+        ``(B, C, *spatial)``.
+    """
+    ndim = x.dim() - 2
+    pool = _POOLS[ndim]
+    pad = win // 2
+    for axis in range(ndim):
+        kernel = [1] * ndim
+        padding = [0] * ndim
+        kernel[axis], padding[axis] = win, pad
+        x = pool(x, kernel_size=kernel, stride=1, padding=padding, count_include_pad=True)
+    return x
+
+
+def lncc(a: Tensor, b: Tensor, win: int = 5, eps: float = 1e-8, reduction: str = "mean") -> Tensor:
+    """Local normalised cross-correlation, a **similarity** in [-1, 1] (higher is better).
+
+    For every voxel, the Pearson correlation of ``a`` and ``b`` over a ``win``-wide box (``win**ndim`` voxels,
+    zero padding at the border, as in VoxelMorph):
+
+        ``cc = cov(a, b) / sqrt(var(a) * var(b) + eps)``.
+
+    On a flat patch (zero variance) the covariance is 0 too, so ``cc`` is 0: finite, never NaN.
+
+    Args:
+        a, b: ``(B, C, *spatial)`` images with 2 or 3 spatial axes.
+        win: odd window width in voxels (the paper uses 5).
+        eps: added under the square root; it keeps flat patches finite.
+        reduction: ``"mean"`` gives a scalar, ``"none"`` the map ``(B, C, *spatial)``.
+    Returns:
+        The mean local correlation, or its map. Use ``1 - lncc(a, b)`` as a loss.
+    """
+    check_image(a, "a")
+    check_image(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must have the same shape")
+    if win < 1 or win % 2 == 0:
+        raise ValueError(f"win must be a positive odd integer, got {win}")
+    check_options(reduction, ("mean", "none"), "reduction")
+    c = a.shape[1]
+    stats = box_mean(torch.cat([a, b, a * a, b * b, a * b], dim=1), win)
+    mu_a, mu_b, aa, bb, ab = stats.split(c, dim=1)
+    var_a = (aa - mu_a * mu_a).clamp_min(0.0)
+    var_b = (bb - mu_b * mu_b).clamp_min(0.0)
+    cc = (ab - mu_a * mu_b) * torch.rsqrt(var_a * var_b + eps)
+    cc = cc.clamp(-1.0, 1.0)
+    return cc.mean() if reduction == "mean" else cc
+
+
+def mse(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared difference, a **loss** (lower is better). ``a``, ``b``: ``(B, C, *spatial)``; returns a scalar."""
+    check_image(a, "a")
+    check_image(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must have the same shape")
+    return (a - b).square().mean()
+
+
+def diffusion(disp: Tensor) -> Tensor:
+    """Diffusion regulariser: the mean of the squared forward differences of ``disp``, in voxels².
+
+    ``(1 / ndim) * sum_axis mean((disp[x + e_axis] - disp[x])**2)``, each mean over batch, channels and the
+    voxels that have a forward neighbour along that axis (VoxelMorph's ``Grad('l2')``).
+
+    Args:
+        disp: ``(B, ndim, *spatial)`` in voxels.
+    Returns:
+        A scalar, 0 for any constant (translation) field.
+    """
+    ndim = check_disp(disp)
+    total = disp.new_zeros(())
+    for axis in range(2, 2 + ndim):
+        total = total + torch.diff(disp, dim=axis).square().mean()
+    return total / ndim
+
+
+class Objective:
+    """The registration energy of Eq. 1: ``E(disp) = L_sim(fixed, warp(moving, disp)) + lam * L_reg(disp)``.
+
+    Args:
+        similarity: ``"lncc"`` (dissimilarity ``1 - lncc``, window ``win``), ``"mse"``, or a callable
+            ``(fixed, warped) -> scalar loss`` (lower is better).
+        regulariser: ``"diffusion"`` or a callable ``(disp) -> scalar loss``.
+        lam: weight of the regulariser (λ). Displacements are in voxels, so λ is in the units of
+            ``L_sim / voxel²``; see the notebooks for how its scale was chosen.
+        win: LNCC window in voxels.
+
+    ``energy``, ``terms`` and ``grad`` take ``fixed``, ``moving`` ``(B, C, *spatial)`` and ``disp``
+    ``(B, ndim, *spatial)``.
+    """
+
+    def __init__(self, similarity: str | Callable[[Tensor, Tensor], Tensor] = "lncc",
+                 regulariser: str | Callable[[Tensor], Tensor] = "diffusion", lam: float = 1.0,
+                 win: int = 5) -> None:
+        if isinstance(similarity, str):
+            check_options(similarity, ("lncc", "mse"), "similarity")
+            self._sim = (lambda f, w: 1.0 - lncc(f, w, win=win)) if similarity == "lncc" else mse
+        elif callable(similarity):
+            self._sim = similarity
+        else:
+            raise TypeError(f"similarity must be 'lncc', 'mse' or a callable, got {type(similarity).__name__}")
+        if isinstance(regulariser, str):
+            check_options(regulariser, ("diffusion",), "regulariser")
+            self._reg = diffusion
+        elif callable(regulariser):
+            self._reg = regulariser
+        else:
+            raise TypeError(f"regulariser must be 'diffusion' or a callable, got {type(regulariser).__name__}")
+        if not lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        self.similarity, self.regulariser, self.lam, self.win = similarity, regulariser, float(lam), win
+
+    def __repr__(self) -> str:
+        name = lambda x: x if isinstance(x, str) else getattr(x, "__name__", type(x).__name__)
+        return f"Objective(similarity={name(self.similarity)!r}, regulariser={name(self.regulariser)!r}, " \
+               f"lam={self.lam}, win={self.win})"
+
+    def terms(self, fixed: Tensor, moving: Tensor, disp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Return ``(energy, similarity_loss, regulariser)``, three scalars."""
+        check_image(fixed, "fixed")
+        check_image(moving, "moving")
+        check_disp(disp)
+        check_same_spatial(fixed, disp, "fixed", "disp")
+        if fixed.shape != moving.shape:
+            raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must have the same shape")
+        sim = self._sim(fixed, warp(moving, disp))
+        reg = self._reg(disp)
+        return sim + self.lam * reg, sim, reg
+
+    def energy(self, fixed: Tensor, moving: Tensor, disp: Tensor) -> Tensor:
+        """The scalar energy ``E(disp)``."""
+        return self.terms(fixed, moving, disp)[0]
+
+    def grad(self, fixed: Tensor, moving: Tensor, disp: Tensor, create_graph: bool = False) -> Tensor:
+        """``dE/d disp``, a tensor like ``disp`` ``(B, ndim, *spatial)``.
+
+        Works under ``torch.no_grad()`` too (it enables grad locally), which is what a fixed-point solver needs
+        when the update map calls it. With ``create_graph=True`` and a ``disp`` that is part of a graph, the
+        result is differentiable (for learned updates trained by backpropagation).
+        """
+        with torch.enable_grad():
+            keep = create_graph and disp.requires_grad
+            d = disp if keep else disp.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.energy(fixed, moving, d), d, create_graph=create_graph)
+        return g
+
+
+class LNCC(nn.Module):
+    """Module form of :func:`lncc` (a similarity, higher is better)."""
+
+    def __init__(self, win: int = 5, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.win, self.eps = win, eps
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return lncc(a, b, win=self.win, eps=self.eps)
+
+
+class Diffusion(nn.Module):
+    """Module form of :func:`diffusion`."""
+
+    def forward(self, disp: Tensor) -> Tensor:
+        return diffusion(disp)

@@ -1,0 +1,201 @@
+"""Registration metrics: overlap (Dice, HD95), regularity (Jacobian determinant, folding, SDlogJ) and TRE.
+
+Shapes: label maps are integer tensors ``(B, 1, *spatial)``; displacements are ``(B, ndim, *spatial)`` in voxels
+with channels in array-axis order; keypoints are ``(N, ndim)`` or ``(B, N, ndim)`` 0-based voxel indices in
+array-axis order; ``spacing`` is mm per voxel along each spatial axis.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+
+from ._checks import check_disp, check_options
+from .warp import warp
+
+__all__ = ["dice", "hd95", "jacobian_det", "folding_percent", "sd_log_jacobian", "tre", "sample_disp"]
+
+
+def _check_segs(seg_a: Tensor, seg_b: Tensor) -> None:
+    for name, s in (("seg_a", seg_a), ("seg_b", seg_b)):
+        if not isinstance(s, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (B, 1, *spatial), got {type(s).__name__}")
+        if s.dim() not in (4, 5) or s.shape[1] != 1:
+            raise ValueError(f"{name} must have shape (B, 1, H, W) or (B, 1, D, H, W), got {tuple(s.shape)}")
+        if s.is_floating_point():
+            raise ValueError(f"{name} must be an integer label map, got {s.dtype}")
+    if seg_a.shape != seg_b.shape:
+        raise ValueError(f"seg_a {tuple(seg_a.shape)} and seg_b {tuple(seg_b.shape)} must have the same shape")
+
+
+def _spacing(spacing: float | Sequence[float] | None, ndim: int) -> np.ndarray:
+    if spacing is None:
+        return np.ones(ndim)
+    s = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (ndim,)).copy() if np.ndim(spacing) == 0 \
+        else np.asarray(spacing, dtype=np.float64)
+    if s.shape != (ndim,) or not np.all(s > 0):
+        raise ValueError(f"spacing must be a positive number or {ndim} positive numbers, got {spacing}")
+    return s
+
+
+def dice(seg_a: Tensor, seg_b: Tensor, labels: Sequence[int]) -> Tensor:
+    """Dice overlap ``2|A∩B| / (|A| + |B|)`` for each label.
+
+    Args:
+        seg_a, seg_b: integer label maps ``(B, 1, *spatial)``.
+        labels: label ids to score (background is usually left out).
+    Returns:
+        ``(B, len(labels))`` float tensor; NaN where a label is absent from both maps (use ``nanmean``).
+    """
+    _check_segs(seg_a, seg_b)
+    labels = torch.as_tensor(list(labels), device=seg_a.device)
+    a = seg_a.flatten(1).unsqueeze(-1) == labels  # (B, N, L)
+    b = seg_b.flatten(1).unsqueeze(-1) == labels
+    inter = (a & b).sum(1).double()
+    total = a.sum(1).double() + b.sum(1).double()
+    out = 2 * inter / total
+    return out.float()
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1),
+                                          border_value=0)
+
+
+def hd95(seg_a: Tensor, seg_b: Tensor, labels: Sequence[int], spacing: float | Sequence[float] | None = None
+         ) -> Tensor:
+    """95th-percentile symmetric Hausdorff distance between label surfaces, in mm.
+
+    A label's surface is its voxels with a face neighbour outside it. For each label, the distances from every
+    surface voxel of ``A`` to the nearest surface voxel of ``B`` (Euclidean, scaled by ``spacing``) and back are
+    computed; the result is the larger of the two 95th percentiles (as MONAI's ``compute_hausdorff_distance``).
+
+    Args:
+        seg_a, seg_b: integer label maps ``(B, 1, *spatial)``.
+        labels: label ids to score.
+        spacing: mm per voxel, one number or one per spatial axis (default 1).
+    Returns:
+        ``(B, len(labels))`` float tensor; NaN where a label is missing from either map.
+    """
+    _check_segs(seg_a, seg_b)
+    ndim = seg_a.dim() - 2
+    sp = _spacing(spacing, ndim)
+    a_np, b_np = seg_a[:, 0].cpu().numpy(), seg_b[:, 0].cpu().numpy()
+    out = np.full((a_np.shape[0], len(labels)), np.nan)
+    for i in range(a_np.shape[0]):
+        for j, lab in enumerate(labels):
+            ma, mb = a_np[i] == lab, b_np[i] == lab
+            if not ma.any() or not mb.any():
+                continue
+            sa, sb = _surface(ma), _surface(mb)
+            d_ab = ndimage.distance_transform_edt(~sb, sampling=sp)[sa]
+            d_ba = ndimage.distance_transform_edt(~sa, sampling=sp)[sb]
+            out[i, j] = max(np.percentile(d_ab, 95), np.percentile(d_ba, 95))
+    return torch.from_numpy(out).float()
+
+
+def jacobian_det(disp: Tensor) -> Tensor:
+    """Determinant of the Jacobian of ``x -> x + disp(x)``, by central differences.
+
+    ``J = det(I + ∇disp)`` with ``(∇disp)_ij = d disp_i / d x_j`` (array-axis order); second-order central
+    differences inside, first-order one-sided ones at the border (as ``numpy.gradient``).
+
+    Args:
+        disp: ``(B, ndim, *spatial)`` in voxels.
+    Returns:
+        ``(B, *spatial)``; values ``<= 0`` mark folding.
+    """
+    ndim = check_disp(disp)
+    grads = torch.gradient(disp, dim=list(range(2, 2 + ndim)))  # grads[j][:, i] = d disp_i / d x_j
+    m = [[grads[j][:, i] + (1.0 if i == j else 0.0) for j in range(ndim)] for i in range(ndim)]
+    if ndim == 2:
+        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
+    return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
+
+
+def folding_percent(disp: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Percentage of voxels with ``J <= 0`` (optionally inside ``mask`` ``(B, 1, *spatial)``); returns ``(B,)``."""
+    neg = (jacobian_det(disp) <= 0).float()
+    if mask is None:
+        return 100.0 * neg.flatten(1).mean(1)
+    m = mask[:, 0].bool().float()
+    return 100.0 * (neg * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
+
+
+def sd_log_jacobian(disp: Tensor, convention: str = "l2r", mask: Tensor | None = None) -> Tensor:
+    """Standard deviation of the log Jacobian determinant; returns ``(B,)``.
+
+    Conventions:
+        ``"l2r"``: Learn2Reg's evaluation, ``std(log(clip(J + 3, 1e-9, 1e9)))`` over the crop ``[2:-2]`` of every
+        spatial axis. The ``+ 3`` shift comes from the official code and makes this *not* the textbook value.
+        ``"plain"``: the textbook ``std(log|J|)`` over all voxels (``|J|`` clipped at 1e-9).
+    Args:
+        disp: ``(B, ndim, *spatial)`` in voxels.
+        mask: optional ``(B, 1, *spatial)``; only voxels inside it count (NLST scores inside the lung mask).
+    """
+    check_options(convention, ("l2r", "plain"), "convention")
+    jac = jacobian_det(disp)
+    ndim = disp.shape[1]
+    m = torch.ones_like(jac, dtype=torch.bool) if mask is None else mask[:, 0].bool()
+    if convention == "l2r":
+        crop = (slice(None),) + (slice(2, -2),) * ndim
+        jac, m = jac[crop], m[crop]
+        logj = torch.log((jac + 3).clamp(1e-9, 1e9))
+    else:
+        logj = torch.log(jac.abs().clamp(1e-9, 1e9))
+    out = []
+    for b in range(jac.shape[0]):
+        vals = logj[b][m[b]].double()
+        out.append(vals.std(unbiased=False) if vals.numel() > 1 else vals.new_tensor(float("nan")))
+    return torch.stack(out).float()
+
+
+def sample_disp(disp: Tensor, points: Tensor) -> Tensor:
+    """Linearly interpolate ``disp`` at voxel coordinates.
+
+    Args:
+        disp: ``(B, ndim, *spatial)``.
+        points: ``(B, N, ndim)`` voxel coordinates in array-axis order.
+    Returns:
+        ``(B, N, ndim)`` displacement at the points (border values outside the image).
+    """
+    ndim = check_disp(disp)
+    if points.dim() != 3 or points.shape[-1] != ndim or points.shape[0] != disp.shape[0]:
+        raise ValueError(f"points must have shape (B={disp.shape[0]}, N, {ndim}), got {tuple(points.shape)}")
+    # Treat the points as a (B, ndim, N, 1[, 1]) "image" grid: the displacement there is identity-relative.
+    size = torch.tensor(disp.shape[2:], dtype=disp.dtype, device=disp.device)
+    grid = (points.to(disp.dtype) * 2 / (size - 1).clamp_min(1) - 1).flip(-1)
+    grid = grid.view(points.shape[0], points.shape[1], *([1] * (ndim - 1)), ndim)
+    vals = torch.nn.functional.grid_sample(disp, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return vals.reshape(disp.shape[0], ndim, -1).transpose(1, 2)
+
+
+def tre(kp_fixed: Tensor, kp_moving: Tensor, disp: Tensor, spacing: float | Sequence[float] | None = None
+        ) -> Tensor:
+    """Target registration error in mm: ``|| (kp_fixed + disp(kp_fixed) - kp_moving) * spacing ||``.
+
+    ``disp`` is sampled at the fixed keypoints by linear interpolation (Learn2Reg's convention).
+    Args:
+        kp_fixed, kp_moving: ``(N, ndim)`` or ``(B, N, ndim)`` matching voxel coordinates (array-axis order).
+        disp: ``(B, ndim, *spatial)`` in voxels (``B = 1`` for unbatched keypoints).
+        spacing: mm per voxel.
+    Returns:
+        ``(N,)`` or ``(B, N)`` distances in mm, matching the keypoints' batching.
+    """
+    ndim = check_disp(disp)
+    kp_fixed, kp_moving = torch.as_tensor(kp_fixed), torch.as_tensor(kp_moving)
+    if kp_fixed.shape != kp_moving.shape:
+        raise ValueError(f"kp_fixed {tuple(kp_fixed.shape)} and kp_moving {tuple(kp_moving.shape)} must match")
+    batched = kp_fixed.dim() == 3
+    if not batched:
+        kp_fixed, kp_moving = kp_fixed.unsqueeze(0), kp_moving.unsqueeze(0)
+    kf = kp_fixed.to(disp.device, disp.dtype)
+    km = kp_moving.to(disp.device, disp.dtype)
+    sp = torch.as_tensor(_spacing(spacing, ndim), dtype=disp.dtype, device=disp.device)
+    err = torch.linalg.vector_norm((kf + sample_disp(disp, kf) - km) * sp, dim=-1)
+    return err if batched else err[0]

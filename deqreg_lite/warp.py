@@ -1,0 +1,169 @@
+"""Warping, identity grids, composition and resizing of displacement fields.
+
+Conventions, used throughout deqreg_lite:
+
+* an image is a tensor ``(B, C, *spatial)`` with 2 or 3 spatial axes;
+* a displacement ``disp`` is a tensor ``(B, ndim, *spatial)`` in **voxel units**, with its channels in
+  **array-axis order** (channel 0 moves along axis ``spatial[0]``, and so on);
+* warping pulls: ``warped(x) = image(x + disp(x))``, so ``disp`` maps the fixed grid into the moving image.
+  This is the Learn2Reg convention: ``map_coordinates(moving, identity + disp, order=1)``.
+
+The functions are stateless; :class:`Warp` is a thin ``nn.Module`` wrapper, as in ``torch.nn``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._checks import check_disp, check_image, check_options
+
+__all__ = ["identity", "warp", "compose", "resize_disp", "integrate_velocity", "Warp"]
+
+_MODES = ("bilinear", "nearest")
+_PADDINGS = ("border", "zeros")
+
+
+def identity(shape: Sequence[int], device: torch.device | str | None = None,
+             dtype: torch.dtype = torch.float32) -> Tensor:
+    """The identity map: voxel coordinates of every grid point.
+
+    Args:
+        shape: spatial shape ``(H, W)`` or ``(D, H, W)``.
+    Returns:
+        Tensor ``(1, ndim, *shape)``; channel ``i`` holds the index along spatial axis ``i`` (voxels).
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (2, 3):
+        raise ValueError(f"shape must have 2 or 3 entries, got {shape}")
+    axes = [torch.arange(s, device=device, dtype=dtype) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+@lru_cache(maxsize=32)
+def _sampling_base(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Normalised identity grid for ``grid_sample`` ``(1, *shape, ndim)`` (xyz order), and the voxel->[-1, 1]
+    scale per displacement channel ``(ndim,)`` in the same reversed order."""
+    ndim = len(shape)
+    scale = torch.tensor([2.0 / (s - 1) if s > 1 else 0.0 for s in shape], device=device, dtype=dtype)
+    grid = identity(shape, device=device, dtype=dtype) * scale.view(1, ndim, *([1] * ndim)) - 1.0
+    grid = grid.flip(1).movedim(1, -1).contiguous()
+    return grid, scale.flip(0).contiguous()
+
+
+def _sampling_grid(disp: Tensor) -> Tensor:
+    base, scale = _sampling_base(tuple(disp.shape[2:]), disp.device, disp.dtype)
+    return torch.addcmul(base, disp.flip(1).movedim(1, -1), scale)
+
+
+def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding: str = "border") -> Tensor:
+    """Warp ``image`` with ``disp``: ``warped(x) = image(x + disp(x))``.
+
+    Args:
+        image: ``(B, C, *spatial)``, or ``(1, C, *spatial)`` to share one image across the batch of ``disp``.
+            Integer tensors (label maps) need ``mode="nearest"`` and come back with their dtype.
+        disp: ``(B, ndim, *spatial)`` displacement in voxels, channels in array-axis order.
+        mode: ``"bilinear"`` (linear in 2D, trilinear in 3D) or ``"nearest"`` (for label maps).
+        padding: ``"border"`` repeats edge values outside the image, ``"zeros"`` reads 0 there.
+    Returns:
+        ``(B, C, *spatial)`` warped image, with ``image``'s dtype.
+    """
+    check_options(mode, _MODES, "mode")
+    check_options(padding, _PADDINGS, "padding")
+    ndim = check_disp(disp)
+    if check_image(image, "image", finite=image.is_floating_point()) != ndim:
+        raise ValueError(f"image {tuple(image.shape)} and disp {tuple(disp.shape)} have different spatial ranks")
+    if image.shape[2:] != disp.shape[2:]:
+        raise ValueError(f"image {tuple(image.shape)} and disp {tuple(disp.shape)} must share the spatial shape")
+    if image.shape[0] != disp.shape[0]:
+        if image.shape[0] != 1:
+            raise ValueError(f"image batch {image.shape[0]} must equal disp batch {disp.shape[0]} or be 1")
+        image = image.expand(disp.shape[0], *image.shape[1:])
+    is_label = not image.is_floating_point()
+    if is_label and mode != "nearest":
+        raise ValueError(f"integer image ({image.dtype}) needs mode='nearest'; bilinear would blend label values")
+    src = image.to(disp.dtype) if (is_label or image.dtype != disp.dtype) else image
+    out = F.grid_sample(src, _sampling_grid(disp), mode=mode, padding_mode=padding, align_corners=True)
+    if is_label:
+        return out.round_().to(image.dtype)
+    return out.to(image.dtype)
+
+
+def compose(u: Tensor, v: Tensor) -> Tensor:
+    """Displacement of applying ``v`` first, then ``u``.
+
+    ``warp(warp(image, v), u) == warp(image, compose(u, v))`` up to interpolation error, because
+    ``compose(u, v)(x) = u(x) + v(x + u(x))``.
+
+    Args:
+        u, v: ``(B, ndim, *spatial)`` displacements in voxels.
+    Returns:
+        ``(B, ndim, *spatial)``.
+    """
+    check_disp(u, "u")
+    check_disp(v, "v")
+    if u.shape != v.shape:
+        raise ValueError(f"u {tuple(u.shape)} and v {tuple(v.shape)} must have the same shape")
+    return u + warp(v, u, padding="border")
+
+
+def resize_disp(disp: Tensor, size: Sequence[int]) -> Tensor:
+    """Resample a displacement to a new grid and rescale its values to the new voxel size.
+
+    The corners of both grids coincide (``align_corners=True``), so a displacement of ``d`` voxels on an axis of
+    ``n`` voxels becomes ``d * (m - 1) / (n - 1)`` voxels on an axis of ``m`` voxels.
+
+    Args:
+        disp: ``(B, ndim, *spatial)`` in voxels.
+        size: new spatial shape, ``ndim`` entries.
+    Returns:
+        ``(B, ndim, *size)`` in voxels of the new grid.
+    """
+    ndim = check_disp(disp)
+    size = tuple(int(s) for s in size)
+    if len(size) != ndim:
+        raise ValueError(f"size must have {ndim} entries, got {size}")
+    old = disp.shape[2:]
+    if tuple(old) == size:
+        return disp
+    out = F.interpolate(disp, size=size, mode="bilinear" if ndim == 2 else "trilinear", align_corners=True)
+    factors = torch.tensor([(m - 1) / (n - 1) if n > 1 else 1.0 for m, n in zip(size, old)],
+                           device=disp.device, dtype=disp.dtype)
+    return out * factors.view(1, ndim, *([1] * ndim))
+
+
+def integrate_velocity(velocity: Tensor, steps: int = 7) -> Tensor:
+    """Scaling and squaring: the displacement of the flow of a stationary velocity field at time 1.
+
+    Args:
+        velocity: ``(B, ndim, *spatial)`` in voxels per unit time.
+        steps: number of squarings; the field is first scaled by ``2**-steps``.
+    Returns:
+        ``(B, ndim, *spatial)`` displacement in voxels (a diffeomorphism when the steps resolve the flow).
+    """
+    check_disp(velocity, "velocity")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    disp = velocity / (2 ** steps)
+    for _ in range(steps):
+        disp = disp + warp(disp, disp, padding="border")
+    return disp
+
+
+class Warp(nn.Module):
+    """Module form of :func:`warp` (VoxelMorph's ``SpatialTransformer``): ``Warp()(image, disp)``."""
+
+    def __init__(self, mode: str = "bilinear", padding: str = "border") -> None:
+        super().__init__()
+        check_options(mode, _MODES, "mode")
+        check_options(padding, _PADDINGS, "padding")
+        self.mode, self.padding = mode, padding
+
+    def forward(self, image: Tensor, disp: Tensor) -> Tensor:
+        return warp(image, disp, mode=self.mode, padding=self.padding)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, padding={self.padding!r}"

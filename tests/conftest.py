@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(0)
+
+
+def smooth_field(shape, amplitude, gen, batch=1, coarse=5):
+    """A smooth random displacement (batch, ndim, *shape) in voxels, for tests."""
+    ndim = len(shape)
+    low = torch.randn(batch, ndim, *([coarse] * ndim), generator=gen, dtype=torch.float64) * amplitude
+    mode = "bicubic" if ndim == 2 else "trilinear"
+    return torch.nn.functional.interpolate(low, size=shape, mode=mode, align_corners=True)
+
+
+def smooth_image(shape, gen, batch=1):
+    ndim = len(shape)
+    x = torch.rand(batch, 1, *shape, generator=gen, dtype=torch.float64)
+    pool = torch.nn.functional.avg_pool2d if ndim == 2 else torch.nn.functional.avg_pool3d
+    return pool(x, 3, 1, 1)

@@ -1,0 +1,121 @@
+"""warp, identity, compose, resize_disp, integrate_velocity: against scipy and against each other."""
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from conftest import smooth_field, smooth_image
+from deqreg_lite.warp import Warp, compose, identity, integrate_velocity, resize_disp, warp
+
+
+@pytest.mark.parametrize("shape", [(23, 31), (11, 13, 9)])
+def test_warp_matches_map_coordinates(shape, rng):
+    image = smooth_image(shape, rng)
+    disp = smooth_field(shape, 3.0, rng)
+    ours = warp(image, disp)[0, 0].numpy()
+    coords = identity(shape, dtype=torch.float64)[0] + disp[0]
+    ref = ndimage.map_coordinates(image[0, 0].numpy(), coords.numpy(), order=1, mode="nearest")
+    np.testing.assert_allclose(ours, ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(23, 31), (11, 13, 9)])
+def test_warp_nearest_labels_match_map_coordinates_order0(shape, rng):
+    labels = torch.randint(0, 5, (1, 1, *shape), generator=rng)
+    disp = smooth_field(shape, 3.0, rng) + 0.013  # avoid exact .5 ties
+    ours = warp(labels, disp, mode="nearest")
+    assert ours.dtype == labels.dtype
+    coords = identity(shape, dtype=torch.float64)[0] + disp[0]
+    ref = ndimage.map_coordinates(labels[0, 0].numpy(), coords.numpy(), order=0, mode="nearest")
+    np.testing.assert_array_equal(ours[0, 0].numpy(), ref)
+
+
+def test_warp_zero_padding_and_shift():
+    image = torch.arange(12.0).view(1, 1, 3, 4)
+    disp = torch.zeros(1, 2, 3, 4)
+    disp[:, 1] = 1.0  # read one column to the right
+    out = warp(image, disp, padding="zeros")
+    assert torch.allclose(out[..., :3], image[..., 1:])
+    assert torch.all(out[..., 3] == 0)
+    assert torch.allclose(warp(image, disp, padding="border")[..., 3], image[..., 3])
+
+
+def test_identity_and_batch_broadcast(rng):
+    grid = identity((4, 5))
+    assert grid.shape == (1, 2, 4, 5)
+    assert grid[0, 0, 3, 2] == 3 and grid[0, 1, 3, 2] == 2
+    image = smooth_image((8, 9), rng).float()
+    disp = torch.zeros(3, 2, 8, 9)
+    assert warp(image, disp).shape == (3, 1, 8, 9)
+    assert torch.allclose(warp(image, disp)[2], image[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(40, 44), (32, 32, 32)])
+def test_compose_matches_sequential_warping(shape, rng):
+    image = smooth_field(shape, 1.0, rng, coarse=4)[:, :1]  # smooth, so interpolation error stays small
+    u = smooth_field(shape, 1.5, rng)
+    v = smooth_field(shape, 1.5, rng)
+    seq = warp(warp(image, v), u)
+    inner = (slice(None), slice(None)) + (slice(4, -4),) * len(shape)
+    err = (seq - warp(image, compose(u, v)))[inner].abs().mean() / image.std()
+    naive = (seq - warp(image, u + v))[inner].abs().mean() / image.std()  # adding fields is wrong
+    assert err < 0.01
+    assert err < naive / 5
+    # composing with zero is the identity operation
+    assert torch.allclose(compose(u, torch.zeros_like(u)), u)
+    assert torch.allclose(compose(torch.zeros_like(v), v), v)
+
+
+def test_resize_disp_rescales_values():
+    shape = (17, 33)
+    a = torch.tensor([[0.5, 0.0], [0.0, 1.5]], dtype=torch.float64)
+    x = identity(shape, dtype=torch.float64)
+    disp = torch.einsum("ij,bj...->bi...", a, x)  # linear field: stays exact under linear resampling
+    small = resize_disp(disp, (9, 17))
+    xs = identity((9, 17), dtype=torch.float64)
+    assert torch.allclose(small, torch.einsum("ij,bj...->bi...", a, xs), atol=1e-10)
+    assert resize_disp(disp, shape) is disp
+
+
+def test_integrate_velocity_zero_and_small(rng):
+    v = torch.zeros(1, 2, 10, 12)
+    assert torch.equal(integrate_velocity(v), v)
+    v = smooth_field((30, 30), 0.01, rng)
+    assert torch.allclose(integrate_velocity(v), v, atol=1e-4)  # tiny fields: exp(v) ~ id + v
+
+
+def test_warp_module_wraps_function(rng):
+    image = smooth_image((8, 9), rng)
+    disp = smooth_field((8, 9), 1.0, rng)
+    assert torch.equal(Warp()(image, disp), warp(image, disp))
+    assert "bilinear" in repr(Warp())
+
+
+def test_warp_gradients_flow(rng):
+    image = smooth_image((10, 12), rng)
+    disp = smooth_field((10, 12), 1.0, rng).requires_grad_(True)
+    warp(image, disp).sum().backward()
+    assert disp.grad is not None and torch.isfinite(disp.grad).all()
+
+
+def test_bad_inputs_raise_clear_errors(rng):
+    image = torch.rand(1, 1, 8, 9)
+    with pytest.raises(ValueError, match="spatial shape"):
+        warp(image, torch.zeros(1, 2, 8, 10))
+    with pytest.raises(ValueError, match="ndim=2"):
+        warp(image, torch.zeros(1, 3, 8, 9))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        warp(torch.rand(8, 9), torch.zeros(1, 2, 8, 9))
+    with pytest.raises(ValueError, match="NaN"):
+        warp(image, torch.full((1, 2, 8, 9), float("nan")))
+    with pytest.raises(ValueError, match="NaN"):
+        warp(torch.full((1, 1, 8, 9), float("nan")), torch.zeros(1, 2, 8, 9))
+    with pytest.raises(ValueError, match="mode"):
+        warp(image, torch.zeros(1, 2, 8, 9), mode="cubic")
+    with pytest.raises(ValueError, match="nearest"):
+        warp(torch.ones(1, 1, 8, 9, dtype=torch.long), torch.zeros(1, 2, 8, 9))
+    with pytest.raises(ValueError, match="batch"):
+        warp(torch.rand(2, 1, 8, 9), torch.zeros(3, 2, 8, 9))
+    with pytest.raises(TypeError):
+        warp(image, torch.zeros(1, 2, 8, 9), interp="linear")
+    with pytest.raises(ValueError, match="same shape"):
+        compose(torch.zeros(1, 2, 8, 9), torch.zeros(1, 2, 8, 8))
