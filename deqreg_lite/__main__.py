@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="register the shipped 2D brain pair and print a metrics table")
     demo.add_argument("--sample", default="brain2d", choices=["brain2d", "brain3d"])
     demo.add_argument("--optimizer", default="adam", choices=["adam", "gd"])
-    demo.add_argument("--lam", type=float, default=1.0, help="diffusion weight (displacements in voxels)")
+    demo.add_argument("--lam", type=float, default=3.0, help="diffusion weight (displacements in voxels)")
     demo.add_argument("--lr", type=float, default=None, help="step size (default: the optimizer's default)")
     demo.add_argument("--iterations", type=int, default=None, help="default: 300, or 60 in quick mode")
     demo.add_argument("--levels", type=int, default=2, help="resolution levels")

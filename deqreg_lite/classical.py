@@ -19,10 +19,20 @@ from .losses import Objective
 from .result import RegistrationResult
 from .warp import resize_disp
 
-__all__ = ["register", "RegistrationDivergedError", "DEFAULT_LR"]
+__all__ = ["register", "RegistrationDivergedError", "DEFAULT_ADAM_LR", "default_gd_lr"]
 
-#: Default step sizes. Adam: roughly voxels per iteration. GD: per-voxel step (see :func:`register`).
-DEFAULT_LR = {"adam": 0.1, "gd": 0.2}
+#: Default Adam step: roughly the largest move per iteration, in voxels.
+DEFAULT_ADAM_LR = 0.1
+
+
+def default_gd_lr(lam: float, ndim: int) -> float:
+    """Default per-voxel GD step: ``1 / (1 + 8 lam / ndim)``.
+
+    The diffusion term's per-voxel Hessian has the largest eigenvalue ``8 lam / ndim`` (the discrete Laplacian's
+    ``4 ndim``, times the ``2 / ndim**2`` of the mean over axes and channels), so plain gradient descent is only
+    stable for steps below ``2 / (8 lam / ndim)``; the ``1 +`` leaves room for the similarity term's curvature.
+    """
+    return 1.0 / (1.0 + 8.0 * lam / ndim)
 
 
 class RegistrationDivergedError(RuntimeError):
@@ -50,7 +60,8 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
         optimizer: ``"adam"`` (adaptive step) or ``"gd"`` (plain gradient descent, Eq. 2 with a fixed step).
         lr: step size. For Adam, about the largest move per iteration in voxels (default 0.1). For GD, ``eta``
             per voxel: the energies are means over ``N`` voxels, so the applied step is ``eta_t = lr * N``, which
-            keeps ``lr`` independent of the image size (default 0.2; with ``lam=1`` it diverges above about 0.4).
+            keeps ``lr`` independent of the image size (default :func:`default_gd_lr`, which stays below the
+            stability limit of the diffusion term).
         similarity: ``"lncc"`` (loss ``1 - LNCC``, window ``win``) or ``"mse"``.
         levels: number of resolution levels (1 = full resolution only; 3 = 1/4, 1/2, 1).
         init_disp: optional starting displacement ``(B, ndim, *spatial)`` in voxels (default zero).
@@ -77,7 +88,9 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
     its = [int(iterations)] * levels if isinstance(iterations, int) else [int(i) for i in iterations]
     if len(its) != levels or min(its) < 0:
         raise ValueError(f"iterations must be one count >= 0 or {levels} of them, got {iterations}")
-    lr = DEFAULT_LR[optimizer] if lr is None else float(lr)
+    if lr is None:
+        lr = DEFAULT_ADAM_LR if optimizer == "adam" else default_gd_lr(lam, ndim)
+    lr = float(lr)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     out_device = fixed.device

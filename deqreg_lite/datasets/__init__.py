@@ -1,0 +1,33 @@
+"""Data: the small real samples shipped with the package, and generated data with known answers.
+
+* :func:`load_sample` / :func:`available_samples` - ``brain2d`` (an inter-subject 2D T1 pair) and ``brain3d``
+  (a 3D template with a known random deformation), from ``data/samples``;
+* :mod:`.synthetic` - SynthMorph-style random label maps and intensities, random smooth diffeomorphisms,
+  :func:`deform_sample` and :func:`synthetic_pair`.
+
+Every loader returns the same sample dict: ``fixed``, ``moving`` (float ``(1, 1, *spatial)`` in [0, 1]),
+``fixed_seg``, ``moving_seg`` (int64 ``(1, 1, *spatial)``), ``spacing`` (mm), ``labels``, ``label_names``,
+``ids``, and ``true_disp`` when the deformation is known.
+"""
+from .samples import SAMPLES, available_samples, load_sample, sample_path
+from .synthetic import (
+    Deformed,
+    IntensityChange,
+    apply_intensity_change,
+    bias_field,
+    deform_sample,
+    random_deformation,
+    random_intensities,
+    random_intensity_change,
+    random_label_map,
+    random_velocity,
+    smooth_noise,
+    synthetic_pair,
+)
+
+__all__ = [
+    "SAMPLES", "available_samples", "load_sample", "sample_path",
+    "Deformed", "IntensityChange", "apply_intensity_change", "bias_field", "deform_sample", "random_deformation",
+    "random_intensities", "random_intensity_change", "random_label_map", "random_velocity", "smooth_noise",
+    "synthetic_pair",
+]

@@ -1,0 +1,114 @@
+"""The small real samples shipped in ``data/samples`` (rebuild them with ``python data/build_samples.py``).
+
+``brain2d``
+    An inter-subject 2D pair at 160 x 192 (rows run superior -> inferior): ``fixed`` is a coronal slice of the
+    MNI ICBM152 2009a T1 template (from nilearn), ``moving`` a T1 coronal slice of another brain (from dipy).
+    Both are skull-stripped and cropped to their brain bounding box, which is the rough affine pre-alignment.
+    Labels 1 CSF, 2 GM, 3 WM (0 background); the template's come from its tissue probability maps, the dipy
+    slice's are an approximate 3-class k-means of its intensities. ``spacing`` is the fixed grid's.
+``brain3d``
+    The same template at 96^3, 2 mm isotropic (axis 0 posterior -> anterior, axis 1 superior -> inferior, axis 2
+    left -> right), with the same labels, and a moving volume generated from it with a known deformation:
+    ``moving_seg == warp(fixed_seg, true_disp, mode="nearest")`` and
+    ``moving == apply_intensity_change(warp(fixed, true_disp), **intensity_change)`` up to uint8 rounding
+    (a mild gamma and bias field). So ``true_disp`` maps the *moving* grid into the fixed image; a registration
+    ``u`` (``warp(moving, u) ~ fixed``) is its inverse, and ``compose(u, true_disp)`` is ``u``'s error.
+
+Licences: see ``data/samples/LICENSES.md`` (BSD-3 for nilearn and dipy, and the McGill notice for the template).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import samples_dir
+
+__all__ = ["SAMPLES", "available_samples", "load_sample", "sample_path"]
+
+#: name -> (file name, one-line description)
+SAMPLES: dict[str, tuple[str, str]] = {
+    "brain2d": ("brain2d.npz", "2D inter-subject T1 pair, MNI152 2009a slice vs dipy slice, 160x192, tissue labels"),
+    "brain3d": ("brain3d.npz", "3D MNI152 2009a at 96^3 (2 mm) and a known random diffeomorphic warp of it"),
+}
+
+_REBUILD = "python data/build_samples.py"
+
+
+def available_samples() -> dict[str, str]:
+    """Names of the shipped samples and a one-line description of each."""
+    return {name: desc for name, (_, desc) in SAMPLES.items()}
+
+
+def sample_path(name: str) -> Path:
+    """Path of a sample's ``.npz`` file in :func:`deqreg_lite.config.samples_dir` (it may not exist).
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if not isinstance(name, str) or name not in SAMPLES:
+        raise ValueError(f"unknown sample {name!r}; available samples: {sorted(SAMPLES)}")
+    return samples_dir() / SAMPLES[name][0]
+
+
+def _image(arr: np.ndarray, device: torch.device | str | None) -> Tensor:
+    if arr.dtype == np.uint8:
+        x = torch.from_numpy(arr.astype(np.float32) / np.float32(255.0))
+    else:
+        x = torch.from_numpy(arr.astype(np.float32)).clamp_(0.0, 1.0)
+    return x[None, None].to(device)
+
+
+def load_sample(name: str, device: torch.device | str | None = None) -> dict:
+    """Load a shipped sample as tensors ready for registration.
+
+    Args:
+        name: ``"brain2d"`` or ``"brain3d"`` (see :func:`available_samples`).
+        device: where the tensors go (default: the CPU).
+    Returns:
+        dict with
+
+        * ``fixed``, ``moving``: float32 ``(1, 1, *spatial)`` in [0, 1];
+        * ``fixed_seg``, ``moving_seg``: int64 ``(1, 1, *spatial)``, 0 background, 1 CSF, 2 GM, 3 WM;
+        * ``spacing``: tuple of floats, mm per voxel along each array axis (the fixed grid's);
+        * ``labels``: ``[1, 2, 3]``; ``label_names``: ``{1: "CSF", 2: "GM", 3: "WM"}``;
+        * ``ids``: ``(fixed id, moving id)``, e.g. ``("mni152_2009a", "dipy_t1")``;
+        * ``name``, ``axes`` (a description of the array axes);
+        * for ``brain3d`` also ``true_disp``, float32 ``(1, 3, *spatial)`` in voxels with
+          ``moving_seg == warp(fixed_seg, true_disp, mode="nearest")``, and ``intensity_change``
+          (``{"gamma": Tensor (1,), "bias_coarse": Tensor (1, 1, 4, 4, 4)}``, the arguments of
+          :func:`deqreg_lite.datasets.synthetic.apply_intensity_change`).
+    Raises:
+        ValueError: for an unknown name.
+        FileNotFoundError: when the file is missing; it says how to rebuild it.
+    """
+    path = sample_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"sample {name!r} not found at {path}. Rebuild the shipped samples with "
+                                f"`{_REBUILD}` (from the repository root), or point DEQREG_SAMPLES_DIR to the folder "
+                                f"that holds {SAMPLES[name][0]}.")
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    labels = [int(v) for v in data["labels"]]
+    sample: dict = {
+        "name": name,
+        "fixed": _image(data["fixed"], device),
+        "moving": _image(data["moving"], device),
+        "fixed_seg": torch.from_numpy(data["fixed_seg"].astype(np.int64))[None, None].to(device),
+        "moving_seg": torch.from_numpy(data["moving_seg"].astype(np.int64))[None, None].to(device),
+        "spacing": tuple(float(s) for s in data["spacing"]),
+        "labels": labels,
+        "label_names": {i: str(n) for i, n in zip(labels, data["label_names"])},
+        "ids": tuple(str(s) for s in data["ids"]),
+        "axes": str(data["axes"]),
+    }
+    if "true_disp" in data:
+        sample["true_disp"] = torch.from_numpy(data["true_disp"].astype(np.float32))[None].to(device)
+    if "moving_gamma" in data:
+        sample["intensity_change"] = {
+            "gamma": torch.from_numpy(data["moving_gamma"].astype(np.float32)).to(device),
+            "bias_coarse": torch.from_numpy(data["moving_bias_coarse"].astype(np.float32)).to(device),
+        }
+    return sample
