@@ -1,0 +1,393 @@
+"""The deep-equilibrium machinery of DEQReg (Sec. 2.2-2.3): solve ``z* = f(z*)`` without a graph, then attach one.
+
+``DEQ(...)(f, z0)`` returns ``(z_star, states, info)``:
+
+1. **Forward solve** (Eq. 5), under ``torch.no_grad()``, with a solver of :mod:`deqreg_lite.solvers`. The
+   solver's relative tolerance and lowest-residual policy apply (see there).
+2. **Gradient** (``grad=``), only when grad mode is on:
+
+   * ``"phantom"`` (Eq. 7-8): ``K`` damped steps ``z <- tau f(z) + (1 - tau) z`` from ``z*.detach()`` with the
+     graph on (:func:`phantom`). The same convention as torchdeq's ``grad=K, tau=tau``: equal gradients.
+   * ``"ift"`` (Eq. 6): one call ``f(z*)`` with the graph on, and a backward hook that replaces the incoming
+     gradient ``g`` by the solution of ``y = g + J_f(z*)^T y`` (fixed-point iteration, options ``ift_tol`` and
+     ``ift_max_iter``); ``info.backward`` holds that solve's :class:`~deqreg_lite.solvers.SolverInfo` after
+     ``backward()``.
+   * ``"bptt"``: plain fixed-point iteration with the graph through every step, for comparisons. Memory
+     grows linearly with the steps; the other two modes are flat in ``max_iter``.
+
+   Under ``torch.no_grad()`` nothing is attached: ``z_star`` is the solver's answer, the states are the detached
+   iterates (plain tensors, even with ``lazy_states``) and ``info.grad_nfe == 0``. With grad on, ``z_star`` is
+   the output of the gradient steps (``K`` more damped steps, or one more call of ``f``), as in torchdeq. The
+   output never depends on ``z0`` through the graph: an equilibrium forgets its start.
+3. **States** (Eq. 9): ``n_states = S`` iterates of the forward trajectory ``z_0, z_1, ...`` (the solver's
+   inputs) at the fixed steps ``t_s = (s + 1) * max_iter // (S + 1)``, ``s = 0..S-1`` (12, 24, 36 for
+   ``max_iter=48, S=3``), each with its own phantom gradient (``K`` damped steps from ``z_t.detach()``; in
+   ``"bptt"`` mode the iterate itself, inside the BPTT graph). **Always exactly S states**: when the solver
+   stops before step ``t_s`` (it converged), the state is the solver's answer, which is where the trajectory
+   would have stayed; ``info.state_steps`` then says ``info.nstep`` and ``info.n_padded`` counts them.
+
+Memory of the states. Eager states (the default) hold ``S`` phantom graphs of ``K`` steps each, all alive until
+``backward()``: ``(S + 1) K`` calls of ``f`` in memory at once. With ``lazy_states=True`` each state is a
+:class:`LazyState` that builds its graph only when called, and :func:`correction_backward` back-propagates the
+terms of Eq. 9 one at a time, so at most two graphs (``z*``'s and one state's) are alive at once. Both give the
+same gradients.
+
+An update map that computes a similarity gradient inside itself (GraDIRN-style, with
+:meth:`deqreg_lite.losses.Objective.grad`) works in every mode and under ``torch.no_grad()``; pass
+``create_graph=torch.is_grad_enabled()`` so that ``J_f`` includes the similarity's Hessian (IFT needs it).
+
+``backend="torchdeq"`` runs the same options through torchdeq 0.1.0's ``get_deq(core="sliced", ...)``, for
+cross-checks; see :meth:`DEQ._forward_torchdeq` for the differences.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_options
+from .solvers import SolverDivergedError, SolverInfo, _check_z0, fixed_point, solve
+from .solvers import solver_options as _options_of
+
+__all__ = ["DEQ", "DEQInfo", "LazyState", "phantom", "correction_loss", "correction_backward", "state_steps"]
+
+Map = Callable[[Tensor], Tensor]
+State = Union[Tensor, "LazyState"]
+_GRADS = ("phantom", "ift", "bptt")
+_BACKENDS = ("lite", "torchdeq")
+_DEQ_CONTROLLED = ("max_iter", "tol", "tau", "callback", "track_graph")  # set by the DEQ, not solver options
+_TORCHDEQ_SOLVERS = {"fixed_point": "fixed_point_iter", "anderson": "anderson", "broyden": "broyden"}
+
+
+@dataclass
+class DEQInfo(SolverInfo):
+    """The forward solver's :class:`~deqreg_lite.solvers.SolverInfo`, plus what the DEQ added.
+
+    Attributes:
+        grad_nfe: calls of ``f`` with the graph on, made inside ``deq(f, z0)`` (``K`` per phantom gradient,
+            1 for IFT; ``nfe`` counts the solver's calls only). Lazy states call ``f`` later, uncounted.
+        state_steps: the trajectory step of each state (``nstep`` for a state padded with the answer; with
+            ``backend="torchdeq"``, the solver calls made before the state was taken).
+        n_padded: how many states were padded because the solver stopped early.
+        backward: the IFT backward solve's info, filled in by ``backward()`` (``grad="ift"`` only).
+    """
+
+    grad_nfe: int = 0
+    state_steps: list[int] = field(default_factory=list)
+    n_padded: int = 0
+    backward: Optional[SolverInfo] = None
+
+
+def phantom(f: Map, z: Tensor, K: int, tau: float) -> Tensor:
+    """Phantom gradient (Eq. 7-8): ``K`` damped steps ``z <- tau * f(z) + (1 - tau) * z`` from ``z.detach()``.
+
+    Run with grad mode on, the result carries the graph of the ``K`` steps (and nothing of ``z``'s history).
+    ``K`` steps here are ``K`` calls of ``f`` (Eq. 8 sums over the ``K`` points ``phi^0 .. phi^(K-1)``), the
+    same count as torchdeq's ``grad=K``.
+
+    Args:
+        f: the map ``(B, ...) -> (B, ...)``.
+        z: ``(B, ...)`` start, usually the fixed point.
+        K: number of steps, >= 1.
+        tau: damping in ``(0, 1]``.
+    Returns:
+        ``(B, ...)``.
+    """
+    z = z.detach()
+    for _ in range(K):
+        fz = f(z)
+        z = fz if tau == 1.0 else tau * fz + (1.0 - tau) * z
+    return z
+
+
+class LazyState:
+    """A sampled trajectory state whose phantom-gradient graph is built only when the state is called.
+
+    Attributes:
+        z: the detached iterate ``(B, ...)`` (for plots and metrics).
+        step: its step in the forward trajectory.
+    """
+
+    def __init__(self, f: Map, z: Tensor, step: int, K: int, tau: float) -> None:
+        self.f, self.z, self.step, self.K, self.tau = f, z.detach(), step, K, tau
+
+    def __call__(self) -> Tensor:
+        """Run the ``K`` damped steps with the graph on; returns ``(B, ...)``."""
+        return phantom(self.f, self.z, self.K, self.tau)
+
+    def __repr__(self) -> str:
+        return f"LazyState(step={self.step}, shape={tuple(self.z.shape)}, K={self.K}, tau={self.tau})"
+
+
+def state_steps(max_iter: int, n_states: int) -> list[int]:
+    """The trajectory steps ``(s + 1) * max_iter // (n_states + 1)``, ``s = 0..n_states-1``, where states are taken."""
+    return [(s + 1) * max_iter // (n_states + 1) for s in range(n_states)]
+
+
+def _value(state: State) -> Tensor:
+    return state() if callable(state) else state
+
+
+def correction_loss(loss_fn: Callable[[Tensor], Tensor], z_star: Tensor, states: Sequence[State],
+                    gamma: float = 0.5) -> Tensor:
+    """Eq. 9: ``L(z*) + gamma * sum_t L(z_t)`` over the sampled states, as one scalar to back-propagate.
+
+    Args:
+        loss_fn: ``(B, ...) -> scalar`` (e.g. the registration loss of a displacement).
+        z_star: ``(B, ...)`` the DEQ's output.
+        states: tensors ``(B, ...)`` or :class:`LazyState` (called here, so all graphs end up alive together).
+        gamma: weight of the state terms (the paper: 0.5).
+    Returns:
+        A scalar tensor.
+    """
+    total = loss_fn(z_star)
+    for state in states:
+        total = total + gamma * loss_fn(_value(state))
+    return total
+
+
+def correction_backward(loss_fn: Callable[[Tensor], Tensor], z_star: Tensor, states: Sequence[State],
+                        gamma: float = 0.5) -> Tensor:
+    """Back-propagate Eq. 9 one term at a time; return the loss value (detached scalar).
+
+    Gives the same gradients as ``correction_loss(...).backward()``. With :class:`LazyState` states, each state's
+    graph is built, back-propagated and freed before the next, so memory holds ``z*``'s graph plus one state's
+    instead of all of them. Graph parts shared by the terms (an encoder upstream of ``f``) are kept until the last
+    term, ``L(z*)``, which is back-propagated last without ``retain_graph``.
+    """
+    total = z_star.new_zeros(())
+    for state in states:
+        loss = gamma * loss_fn(_value(state))
+        loss.backward(retain_graph=True)
+        total = total + loss.detach()
+        del loss  # frees this state's graph before the next is built
+    loss = loss_fn(z_star)
+    loss.backward()
+    return total + loss.detach()
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer: ``z_star, states, info = DEQ(...)(f, z0)``. Holds options only (no parameters).
+
+    Args:
+        solver: forward solver, ``"fixed_point"``, ``"anderson"`` or ``"broyden"`` (``"bptt"`` needs
+            ``"fixed_point"``). It runs undamped; ``tau`` is the phantom gradient's damping.
+        max_iter: most solver steps ``T`` (the paper: 48).
+        tol: relative tolerance of the forward solve.
+        grad: ``"phantom"``, ``"ift"`` or ``"bptt"`` (see the module docstring).
+        K: phantom-gradient steps (for ``z*`` with ``grad="phantom"``, and for every state).
+        tau: phantom-gradient damping in ``(0, 1]`` (the paper: ``(0, 1)``, value not given; torchdeq's
+            default is 1).
+        n_states: number ``S`` of sampled trajectory states for Eq. 9 (0: none).
+        lazy_states: return the states as :class:`LazyState` (memory-lean, with :func:`correction_backward`).
+        backend: ``"lite"`` (this module) or ``"torchdeq"`` (torchdeq 0.1.0, for cross-checks).
+        ift_tol, ift_max_iter: relative tolerance and step limit of the IFT backward solve.
+        **solver_options: options of the chosen solver, e.g. ``m``, ``lam`` (Anderson), ``return_policy``,
+            ``on_diverge``, ``diverge_factor``. Unknown names raise ``TypeError``.
+    """
+
+    def __init__(self, *, solver: str = "fixed_point", max_iter: int = 48, tol: float = 1e-3,
+                 grad: str = "phantom", K: int = 3, tau: float = 0.5, n_states: int = 0, lazy_states: bool = False,
+                 backend: str = "lite", ift_tol: float = 1e-6, ift_max_iter: int = 100, **solver_options) -> None:
+        super().__init__()
+        check_options(grad, _GRADS, "grad")
+        check_options(backend, _BACKENDS, "backend")
+        valid = [o for o in _options_of(solver) if o not in _DEQ_CONTROLLED]
+        unknown = sorted(set(solver_options) - set(valid))
+        if unknown:
+            raise TypeError(f"DEQ got unknown option(s) {unknown}; solver {solver!r} takes {valid}, and the DEQ "
+                            f"itself: solver, max_iter, tol, grad, K, tau, n_states, lazy_states, backend, "
+                            f"ift_tol, ift_max_iter")
+        for name, value, low in (("max_iter", max_iter, 1), ("K", K, 1), ("n_states", n_states, 0),
+                                 ("ift_max_iter", ift_max_iter, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, value in (("tol", tol), ("ift_tol", ift_tol)):
+            if not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 < tau <= 1:
+            raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+        if grad == "bptt" and solver != "fixed_point":
+            raise ValueError(f"grad='bptt' back-propagates through plain fixed-point steps; it needs "
+                             f"solver='fixed_point', got {solver!r}")
+        if backend == "torchdeq":
+            if grad == "bptt":
+                raise ValueError("backend='torchdeq' supports grad='phantom' and 'ift', not 'bptt'")
+            if lazy_states:
+                raise ValueError("lazy_states=True needs backend='lite' (torchdeq builds every state's graph)")
+            if n_states and max_iter < n_states + 1:
+                raise ValueError(f"backend='torchdeq' splits max_iter into n_states + 1 slices; max_iter must be "
+                                 f">= {n_states + 1}, got {max_iter}")
+        self.solver, self.max_iter, self.tol, self.grad = solver, max_iter, float(tol), grad
+        self.K, self.tau, self.n_states, self.lazy_states = K, float(tau), n_states, bool(lazy_states)
+        self.backend, self.ift_tol, self.ift_max_iter = backend, float(ift_tol), ift_max_iter
+        self.solver_options = dict(solver_options)
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.solver_options.items())
+        return (f"solver={self.solver!r}, max_iter={self.max_iter}, tol={self.tol:g}, grad={self.grad!r}, "
+                f"K={self.K}, tau={self.tau:g}, n_states={self.n_states}, lazy_states={self.lazy_states}, "
+                f"backend={self.backend!r}{opts}")
+
+    def forward(self, f: Map, z0: Tensor) -> tuple[Tensor, list[State], DEQInfo]:
+        """Solve ``z* = f(z*)`` from ``z0`` and attach the gradient.
+
+        Args:
+            f: the update map ``(B, ...) -> (B, ...)``, e.g. a closure over the images and a network.
+            z0: ``(B, ...)`` start, finite (e.g. zeros for a displacement ``(B, ndim, *spatial)``).
+        Returns:
+            ``z_star`` ``(B, ...)``; ``states``, a list of exactly ``n_states`` tensors ``(B, ...)`` (or
+            :class:`LazyState`); and a :class:`DEQInfo`.
+        """
+        _check_z0(z0)
+        if self.backend == "torchdeq":
+            return self._forward_torchdeq(f, z0)
+        graph = torch.is_grad_enabled()
+        wanted = state_steps(self.max_iter, self.n_states)
+        kept: dict[int, Tensor] = {}
+
+        def keep(k: int, z: Tensor) -> None:
+            if k in wanted:
+                kept[k] = z
+
+        opts = dict(max_iter=self.max_iter, tol=self.tol, callback=keep, **self.solver_options)
+        bptt = self.grad == "bptt" and graph
+        if bptt:
+            z_solved, sinfo = fixed_point(f, z0, track_graph=True, **opts)
+        else:
+            z_solved, sinfo = solve(f, z0, self.solver, **opts)
+        info = DEQInfo(**{fl.name: getattr(sinfo, fl.name) for fl in dataclasses.fields(SolverInfo)})
+        z_star = z_solved
+        if bptt:
+            info.grad_nfe = info.nfe
+        elif graph and self.grad == "phantom":
+            z_star, info.grad_nfe = phantom(f, z_solved, self.K, self.tau), self.K
+        elif graph and self.grad == "ift":
+            z_star, info.grad_nfe = self._attach_ift(f, z_solved, info), 1
+
+        states: list[State] = []
+        for t in wanted:
+            z_t = kept.get(t)
+            info.state_steps.append(t if z_t is not None else info.nstep)
+            if z_t is None:  # the solver stopped before step t: the trajectory stays at its answer
+                info.n_padded += 1
+                z_t = z_solved
+            if not graph or bptt:
+                states.append(z_t)
+            elif self.lazy_states:
+                states.append(LazyState(f, z_t, info.state_steps[-1], self.K, self.tau))
+            else:
+                states.append(phantom(f, z_t, self.K, self.tau))
+                info.grad_nfe += self.K
+        return z_star, states, info
+
+    def _attach_ift(self, f: Map, z_solved: Tensor, info: DEQInfo) -> Tensor:
+        """IFT (Eq. 6): ``f(z*)`` with the graph on, whose incoming gradient ``g`` is replaced by the solution of
+        ``y = g + J_f(z*)^T y``; the solve's info goes to ``info.backward``. The hook is re-entrant safe (it does
+        nothing during its own solve, whose vector-Jacobian products pass through the same tensor)."""
+        z = z_solved.detach().requires_grad_(True)
+        fz = f(z)
+        if not fz.requires_grad:
+            return fz
+        busy = [False]
+        opts = {k: v for k, v in self.solver_options.items() if k in ("on_diverge", "diverge_factor")}
+
+        def vjp(y: Tensor) -> Tensor:
+            (jt_y,) = torch.autograd.grad(fz, z, y, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(y) if jt_y is None else jt_y
+
+        def hook(g: Tensor) -> Optional[Tensor]:
+            if busy[0]:
+                return None
+            busy[0] = True
+            try:
+                y, info.backward = fixed_point(lambda y: vjp(y) + g, torch.zeros_like(g),
+                                               max_iter=self.ift_max_iter, tol=self.ift_tol, **opts)
+            finally:
+                busy[0] = False
+            return y
+
+        fz.register_hook(hook)
+        return fz
+
+    # ------------------------------------------------------------------------------------------------ torchdeq
+    def _forward_torchdeq(self, f: Map, z0: Tensor) -> tuple[Tensor, list[State], DEQInfo]:
+        """The same call through torchdeq 0.1.0 (``get_deq(core="sliced", f_stop_mode="rel", ...)``).
+
+        Differences from ``backend="lite"``, all torchdeq's design:
+
+        * ``core="sliced"`` with ``n_states = S + 1``: the ``max_iter`` steps are cut into ``S + 1`` slices of
+          ``max_iter // (S + 1)``; after each, torchdeq applies the phantom gradient and the next slice resumes
+          from its output. The states are the first ``S`` outputs and ``z_star`` the last one, so there are always
+          ``S`` states (core ``"indexing"`` truncates them when the solver stops early).
+        * torchdeq runs in training mode even under ``torch.no_grad()``, so the values do not depend on grad mode.
+        * The traces are rebuilt here from the calls its solver makes (torchdeq's own cover the last slice only
+          and start with a 1e8 placeholder); ``nfe`` counts those calls and ``grad_nfe`` the others. torchdeq
+          picks the lowest-residual iterate per sample; ``best_step`` is the latest such step of the batch.
+        * Divergence is checked on the rebuilt traces after the solve (torchdeq itself never stops on it).
+        """
+        from torchdeq import get_deq
+
+        S = self.n_states
+        opts = dict(self.solver_options)
+        policy = opts.pop("return_policy", "lowest")
+        on_diverge, factor = opts.pop("on_diverge", "raise"), opts.pop("diverge_factor", 1e3)
+        check_options(policy, ("lowest", "last"), "return_policy")
+        check_options(on_diverge, ("raise", "flag"), "on_diverge")
+        if self.solver == "broyden" and "m" in opts:
+            opts["LBFGS_thres"] = opts.pop("m")
+        if policy == "last":
+            opts["return_final"] = True
+        deq = get_deq(core="sliced", f_solver=_TORCHDEQ_SOLVERS[self.solver], f_max_iter=self.max_iter,
+                      f_tol=self.tol, f_stop_mode="rel", grad=self.K, tau=self.tau, ift=self.grad == "ift",
+                      n_states=S + 1 if S else 1, b_solver="fixed_point_iter", b_max_iter=self.ift_max_iter,
+                      b_tol=self.ift_tol, b_stop_mode="rel")
+        info = DEQInfo(solver=self.solver, returned=policy)
+        phase = {"solving": False, "slice_start": 0, "open": True}
+        slice_ends: list[int] = []
+
+        def counted(z: Tensor) -> Tensor:
+            fz = f(z)
+            if not phase["solving"]:
+                info.grad_nfe += phase["open"]  # not counted: torchdeq's IFT calls f again in backward()
+                return fz
+            with torch.no_grad():
+                a = (fz - z).reshape(z.shape[0], -1).norm(dim=1)
+                r = a / (fz.reshape(z.shape[0], -1).norm(dim=1) + 1e-9)
+            info.abs_trace.append(float(a.max()))
+            info.rel_trace.append(float(r.max()))
+            info.nfe += 1
+            return fz
+
+        solver_fn = deq.f_solver
+
+        def solver_wrapper(*args, **kwargs):
+            phase["solving"], phase["slice_start"] = True, len(info.rel_trace)
+            try:
+                return solver_fn(*args, **kwargs)
+            finally:
+                phase["solving"] = False
+                slice_ends.append(len(info.rel_trace))
+
+        deq.f_solver = solver_wrapper
+        deq.train(True)
+        z_out, tinfo = deq(counted, z0, solver_kwargs=opts)
+        phase["open"] = False
+        z_star, states = z_out[-1], list(z_out[:-1])
+        info.nstep = len(info.rel_trace)
+        last = info.rel_trace[phase["slice_start"]:]
+        info.converged = bool(last) and min(last) <= self.tol
+        info.best_step = phase["slice_start"] + int(tinfo["nstep"].max()) - 1
+        info.state_steps = slice_ends[:S]  # solver calls done before each state was taken
+        first = info.abs_trace[0] if info.abs_trace else 0.0
+        for k, a in enumerate(info.abs_trace):
+            if not math.isfinite(a) or (first > 0 and a > factor * first):
+                if on_diverge == "raise" or not torch.isfinite(z_star).all():
+                    raise SolverDivergedError(f"torchdeq {self.solver}", k, a, "NaN/inf or a blow-up")
+                info.diverged = True
+                break
+        return z_star, states, info
