@@ -4,11 +4,14 @@
   (a 3D template with a known random deformation), from ``data/samples``;
 * :mod:`.synthetic` - SynthMorph-style random label maps and intensities, random smooth diffeomorphisms,
   :func:`deform_sample` and :func:`synthetic_pair`.
+* :mod:`.pairs` - :class:`PairDataset` / :func:`brain_pairs`: seeded training and evaluation pairs for the 2D
+  models, and :func:`collate`.
 
 Every loader returns the same sample dict: ``fixed``, ``moving`` (float ``(1, 1, *spatial)`` in [0, 1]),
 ``fixed_seg``, ``moving_seg`` (int64 ``(1, 1, *spatial)``), ``spacing`` (mm), ``labels``, ``label_names``,
 ``ids``, and ``true_disp`` when the deformation is known.
 """
+from .pairs import PAIR_KEYS, PAIR_KINDS, SEED_RANGES, PairDataset, brain_pairs, collate, item_seed
 from .samples import SAMPLES, available_samples, load_sample, sample_path
 from .synthetic import (
     Deformed,
@@ -30,4 +33,5 @@ __all__ = [
     "Deformed", "IntensityChange", "apply_intensity_change", "bias_field", "deform_sample", "random_deformation",
     "random_intensities", "random_intensity_change", "random_label_map", "random_velocity", "smooth_noise",
     "synthetic_pair",
+    "PairDataset", "brain_pairs", "collate", "item_seed", "SEED_RANGES", "PAIR_KINDS", "PAIR_KEYS",
 ]

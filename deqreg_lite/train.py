@@ -1,0 +1,598 @@
+"""Train a registration method: AdamW, validation, logs, and checkpoints that resume bit for bit.
+
+The trainer drives a :class:`~deqreg_lite.methods.base.RegistrationMethod` through its one training entry point,
+``method.training_step(fixed, moving, loss_fn, backward)``; it never reaches into a method's insides. Per
+iteration it zeroes the gradients, calls ``training_step`` (which computes the method's own loss and calls
+``backward``), checks the loss, and steps the optimizer::
+
+    trainer = Trainer(method, loss_fn, brain_pairs("train", 1000, (64, 64)), brain_pairs("val", 5, (64, 64)),
+                      iterations=2000, val_every=200, checkpoint_dir="runs/deqreg", log_path="runs/deqreg/log.jsonl")
+    history = trainer.fit()
+    # later, or after a crash:
+    trainer = Trainer(method, loss_fn, train_data, val_data, iterations=2000, checkpoint_dir="runs/deqreg")
+    trainer.resume("runs/deqreg/last.pt")
+    trainer.fit()            # continues exactly where the checkpoint left off
+
+Reproducibility
+---------------
+* Data order is a function of ``(seed, iteration)`` only: sample ``k = iteration * batch_size + j`` is item
+  ``perm_e[k mod n]`` of the training set, where ``perm_e`` is a permutation drawn from ``(seed, epoch e = k // n)``.
+  Nothing about the order lives in a sampler object, so resuming needs only the iteration.
+* A fresh run calls :func:`deqreg_lite.config.seed_everything` ``(seed)`` when :meth:`Trainer.fit` starts (seed the
+  model's initialisation yourself, before building it). Checkpoints hold the RNG states (torch CPU and CUDA, NumPy,
+  Python ``random``), restored by :meth:`Trainer.resume`.
+* Validation runs inside a saved-and-restored RNG state, so validating (or not) never changes training.
+* So N iterations straight and N/2 + resume + N/2 give bit-identical parameters (on the same device and threads).
+
+Checkpoint format (a ``dict`` written by :func:`save_checkpoint`, loadable with ``torch.load(weights_only=True)``)
+-------------------------------------------------------------------------------------------------------------
+``format`` ("deqreg_lite.checkpoint"), ``version`` (1), ``name``, ``ndim``, ``config`` (``method.config()``),
+``trained_steps``, ``model`` (state dict), ``optimizer`` (state dict or None), ``scaler`` (GradScaler state or
+None), ``iteration``, ``rng`` (``torch``, ``cuda`` (list or None), ``numpy`` (dict), ``python`` (tuple)),
+``sampler`` (``seed``, ``batch_size``, ``position`` = samples drawn so far), ``history`` (list of dicts),
+``trainer`` (the trainer's options), ``extra``, ``torch_version``. Writes are atomic: a temporary file in the same
+folder, then ``os.replace``; a crash mid-write leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import random
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import default_device, seed_everything
+
+__all__ = ["Trainer", "TrainingDivergedError", "save_checkpoint", "load_checkpoint", "load_method",
+           "get_rng_state", "set_rng_state", "batch_indices", "read_log", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "deqreg_lite.checkpoint"
+CHECKPOINT_VERSION = 1
+_MAX_EPOCH_SEED = 2**31
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or inf."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RNG states (all plain tensors, ints and tuples, so that checkpoints load with weights_only=True)
+# ---------------------------------------------------------------------------------------------------------------
+def get_rng_state() -> dict:
+    """The states of every random generator the training touches: torch CPU, CUDA (if any), NumPy, Python."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Restore what :func:`get_rng_state` returned (the CUDA part only when CUDA is available)."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        else:
+            warnings.warn(f"the checkpoint holds {len(cuda)} CUDA RNG states, this machine has "
+                          f"{torch.cuda.device_count()} devices; CUDA RNG states not restored", stacklevel=2)
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+@contextlib.contextmanager
+def _isolated_rng():
+    """Run a block without changing any global RNG state (torch, CUDA, NumPy, Python)."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+def _method_config(method: nn.Module) -> dict | None:
+    try:
+        cfg = method.config()
+    except NotImplementedError:
+        warnings.warn(f"{type(method).__name__}.config() is not implemented: the checkpoint cannot rebuild the "
+                      "method with load_method()", stacklevel=3)
+        return None
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"{type(method).__name__}.config() must return a dict, got {type(cfg).__name__}")
+    return dict(cfg)
+
+
+def save_checkpoint(path: str | os.PathLike, method: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+                    iteration: int = 0, history: Sequence[Mapping] | None = None, rng: bool = True,
+                    sampler: Mapping | None = None, scaler: Any = None, trainer: Mapping | None = None,
+                    extra: Mapping | None = None) -> Path:
+    """Write a checkpoint atomically (temporary file in the same folder, then ``os.replace``).
+
+    Args:
+        path: the checkpoint file (its folder is created).
+        method: the registration method; its ``name``, ``ndim``, ``config()``, ``trained_steps`` and state dict
+            are stored.
+        optimizer: stored with its state dict when given.
+        iteration: iterations done.
+        history: the trainer's history (list of dicts of numbers and strings).
+        rng: store the current RNG states (:func:`get_rng_state`).
+        sampler: the data sampler's position (``seed``, ``batch_size``, ``position``).
+        scaler: a ``torch.amp.GradScaler`` to store.
+        trainer: the trainer's options, for the record.
+        extra: anything else (plain Python values and tensors).
+    Returns:
+        the path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {
+        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+        "name": str(getattr(method, "name", type(method).__name__)), "ndim": getattr(method, "ndim", None),
+        "config": _method_config(method), "trained_steps": getattr(method, "trained_steps", None),
+        "model": method.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "iteration": int(iteration),
+        "rng": get_rng_state() if rng else None,
+        "sampler": dict(sampler) if sampler is not None else None,
+        "history": [dict(r) for r in (history or [])],
+        "trainer": dict(trainer) if trainer is not None else None,
+        "extra": dict(extra) if extra is not None else {},
+        "torch_version": str(torch.__version__),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu", *,
+                    name: str | None = None, weights_only: bool = True) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the file, or a folder holding ``last.pt``.
+        map_location: where tensors go (default the CPU).
+        name: when given, the method name the checkpoint must hold.
+        weights_only: load with ``torch.load(weights_only=True)`` (safe; our checkpoints need nothing more).
+            Pass False only for a trusted file whose ``config`` holds custom objects.
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: the file is not a deqreg_lite checkpoint, or holds a method other than ``name``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        near = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
+        hint = f"; checkpoints in {path.parent}: {near}" if near else ""
+        raise FileNotFoundError(f"no checkpoint at {path}{hint}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a deqreg_lite checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
+    if name is not None and ckpt["name"] != name:
+        raise ValueError(f"checkpoint {path} holds a {ckpt['name']!r} model, not {name!r}; load it into a "
+                         f"{ckpt['name']!r} method (load_method({str(path)!r}) rebuilds it)")
+    return ckpt
+
+
+def load_method(path: str | os.PathLike, map_location: str | torch.device | None = None, **overrides) -> nn.Module:
+    """Rebuild a method from a checkpoint: ``build_method(name, ndim, **config, **overrides)`` plus its weights.
+
+    Args:
+        path: checkpoint file (or folder holding ``last.pt``).
+        map_location: device of the method (default :func:`deqreg_lite.config.default_device`).
+        overrides: constructor options that replace the stored ones (e.g. inference settings).
+    Returns:
+        the method, in eval mode, on ``map_location``.
+    """
+    from .methods import build_method  # lazy: the methods package sits beside this one (floor 2)
+
+    ckpt = load_checkpoint(path, "cpu")
+    if ckpt.get("config") is None:
+        raise ValueError(f"checkpoint {path} holds no method config ({ckpt['name']}.config() was not implemented "
+                         "when it was saved); build the method yourself and load ckpt['model'] into it")
+    cfg = dict(ckpt["config"])
+    ndim = cfg.pop("ndim", ckpt.get("ndim"))
+    cfg.update(overrides)
+    method = build_method(ckpt["name"], ndim, **cfg)
+    method.load_state_dict(ckpt["model"])
+    device = torch.device(map_location) if map_location is not None else default_device()
+    return method.to(device).eval()
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines training log (one dict per line)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data order
+# ---------------------------------------------------------------------------------------------------------------
+def _epoch_perm(seed: int, epoch: int, n: int) -> Tensor:
+    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % 2**62)
+    return torch.randperm(n, generator=gen)
+
+
+def batch_indices(seed: int, iteration: int, batch_size: int, n: int) -> list[int]:
+    """The dataset indices of batch ``iteration``: a function of ``(seed, iteration)`` only.
+
+    Sample ``k = iteration * batch_size + j`` is ``perm(seed, k // n)[k % n]``: every epoch visits every item
+    once, in an order drawn from ``(seed, epoch)``.
+    """
+    out, cache = [], {}
+    for k in range(iteration * batch_size, (iteration + 1) * batch_size):
+        epoch = k // n
+        if epoch not in cache:
+            cache[epoch] = _epoch_perm(seed, epoch, n)
+        out.append(int(cache[epoch][k % n]))
+    return out
+
+
+def _is_sample(x: Any) -> bool:
+    return isinstance(x, Mapping) and "fixed" in x and "moving" in x
+
+
+def _collate(samples: Sequence[Mapping]) -> dict:
+    from .datasets.pairs import collate
+
+    return collate(samples)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------------------------
+def _check_int(v: Any, name: str, minimum: int, allow_none: bool = False) -> int | None:
+    if v is None and allow_none:
+        return None
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, got {v!r}")
+    return int(v)
+
+
+class Trainer:
+    """Trains one registration method with AdamW.
+
+    Args:
+        method: a :class:`~deqreg_lite.methods.base.RegistrationMethod`.
+        loss_fn: ``loss_fn(fixed, moving, disp) -> scalar``, passed to ``method.training_step`` (moved to the
+            device when it is an ``nn.Module``).
+        train_data: a map-style dataset of sample dicts (``len`` and ``[i]``; e.g.
+            :func:`deqreg_lite.datasets.brain_pairs`), a list of sample dicts, or one sample dict.
+        val_data: sample dicts to validate on with :func:`deqreg_lite.evaluate.evaluate` (batch size 1 each).
+        lr: AdamW learning rate (the paper's 1e-4).
+        weight_decay: AdamW weight decay (PyTorch's default 0.01).
+        batch_size: pairs per iteration (stacked with :func:`deqreg_lite.datasets.collate`).
+        iterations: total iterations of :meth:`fit`.
+        val_every: validate every this many iterations, and at the end (0 or None: only at the end; no
+            ``val_data``: never).
+        val_steps: inference steps for validation (None: the method's trained count).
+        checkpoint_dir: folder for ``last.pt`` (every ``checkpoint_every`` iterations and at the end of each
+            :meth:`fit`) and ``best.pt`` (the best validation Dice so far).
+        checkpoint_every: iterations between checkpoints (0 or None: only at the end of :meth:`fit`).
+        log_every: iterations averaged into one training row of the history and log.
+        seed: seeds the data order, and the global RNGs at the start of a fresh run.
+        device: default CUDA when available, else the CPU.
+        amp: automatic mixed precision (float16 autocast and a GradScaler) on CUDA; ignored with a warning on
+            the CPU.
+        grad_clip: clip the gradients' global norm to this value (None: no clipping).
+        progress: show a tqdm bar with the loss.
+        log_path: a JSON-lines file; every history row is appended to it as it is made (``read_log`` reads it).
+            A fresh run starts it anew; :meth:`resume` rewrites it to the checkpoint's history.
+
+    Attributes:
+        history: list of dicts: training rows (``split="train"``, ``iteration``, ``loss`` and the other floats
+            ``training_step`` returned, averaged over ``log_every`` iterations, ``lr``, ``time_s`` per iteration with
+            data generation)
+            and validation rows (``split="val"``, ``iteration``, ``dice``, ``dice_std``, ``folding_pct``,
+            ``folding_pct_std``, ``sdlogj``, ``time_s``).
+        iteration: iterations done so far.
+        optimizer, scaler, device.
+    """
+
+    def __init__(self, method: nn.Module, loss_fn: Callable, train_data: Any, val_data: Any = None, *,
+                 lr: float = 1e-4, weight_decay: float = 1e-2, batch_size: int = 1, iterations: int = 1000,
+                 val_every: int | None = None, val_steps: int | None = None, checkpoint_dir: str | os.PathLike |
+                 None = None, checkpoint_every: int | None = None, log_every: int = 10, seed: int = 0,
+                 device: str | torch.device | None = None, amp: bool = False, grad_clip: float | None = None,
+                 progress: bool = True, log_path: str | os.PathLike | None = None) -> None:
+        if not isinstance(method, nn.Module) or not hasattr(method, "training_step"):
+            raise TypeError(f"method must be a RegistrationMethod (an nn.Module with training_step), got "
+                            f"{type(method).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (fixed, moving, disp) -> loss, got {type(loss_fn).__name__}")
+        if not (isinstance(lr, numbers.Real) and lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        if not (isinstance(weight_decay, numbers.Real) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        if grad_clip is not None and not (isinstance(grad_clip, numbers.Real) and grad_clip > 0):
+            raise ValueError(f"grad_clip must be a number > 0 or None, got {grad_clip!r}")
+        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.iterations = _check_int(iterations, "iterations", 0)
+        self.val_every = _check_int(val_every, "val_every", 0, allow_none=True) or 0
+        self.checkpoint_every = _check_int(checkpoint_every, "checkpoint_every", 0, allow_none=True) or 0
+        self.log_every = _check_int(log_every, "log_every", 1)
+        self.seed = _check_int(seed, "seed", 0)
+        self.val_steps = _check_int(val_steps, "val_steps", 1, allow_none=True)
+
+        if _is_sample(train_data):
+            train_data = [train_data]
+        if not (hasattr(train_data, "__len__") and hasattr(train_data, "__getitem__")):
+            raise TypeError("train_data must be a map-style dataset of sample dicts (with len() and [i]), a list "
+                            f"of sample dicts, or one sample dict; got {type(train_data).__name__}")
+        if len(train_data) == 0:
+            raise ValueError("train_data is empty")
+        if _is_sample(val_data):
+            val_data = [val_data]
+        self.train_data, self.val_data = train_data, val_data
+
+        self.device = torch.device(device) if device is not None else default_device()
+        self.method = method.to(self.device)
+        self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, nn.Module) else loss_fn
+        self.lr, self.weight_decay, self.grad_clip = float(lr), float(weight_decay), grad_clip
+        self.amp = bool(amp)
+        if self.amp and self.device.type != "cuda":
+            warnings.warn(f"amp=True needs a CUDA device; training on {self.device} in float32", stacklevel=2)
+            self.amp = False
+        self.optimizer = torch.optim.AdamW(self.method.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.progress = bool(progress)
+        self.history: list[dict] = []
+        self.iteration = 0
+        self._started = False  # True once fit() ran or a checkpoint was resumed
+        self._window: list[dict] = []
+        self._best_dice = -math.inf
+        self._last_val = -1
+
+    # -- options and state ------------------------------------------------------------------------------------
+    def options(self) -> dict:
+        """The trainer's options (stored in checkpoints for the record)."""
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "batch_size": self.batch_size,
+                "iterations": self.iterations, "val_every": self.val_every, "val_steps": self.val_steps,
+                "checkpoint_every": self.checkpoint_every, "log_every": self.log_every, "seed": self.seed,
+                "amp": self.amp, "grad_clip": self.grad_clip, "device": str(self.device)}
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Checkpoint the full training state (default ``checkpoint_dir / "last.pt"``)."""
+        if path is None:
+            if self.checkpoint_dir is None:
+                raise ValueError("save() needs a path when the trainer has no checkpoint_dir")
+            path = self.checkpoint_dir / "last.pt"
+        return save_checkpoint(path, self.method, self.optimizer, iteration=self.iteration, history=self.history,
+                               sampler={"seed": self.seed, "batch_size": self.batch_size,
+                                        "position": self.iteration * self.batch_size},
+                               scaler=self.scaler, trainer=self.options(),
+                               extra={"best_dice": self._best_dice, "last_val": self._last_val,
+                                      "window": list(self._window)})
+
+    def resume(self, path: str | os.PathLike | None = None) -> "Trainer":
+        """Load a checkpoint of this method (model, optimizer, scaler, iteration, RNG states, history).
+
+        ``path`` defaults to ``checkpoint_dir / "last.pt"``. The log file, if any, is rewritten to hold exactly
+        the checkpoint's history (rows written after the checkpoint, by a run that then crashed, are dropped).
+
+        Raises:
+            FileNotFoundError: no checkpoint there.
+            ValueError: the checkpoint holds a different method.
+        """
+        if path is None:
+            if self.checkpoint_dir is None:
+                raise ValueError("resume() needs a path when the trainer has no checkpoint_dir")
+            path = self.checkpoint_dir / "last.pt"
+        ckpt = load_checkpoint(path, "cpu", name=self.method.name)
+        cfg = _method_config(self.method) if ckpt.get("config") is not None else None
+        if cfg is not None and cfg != ckpt["config"]:
+            warnings.warn(f"the checkpoint's method config {ckpt['config']} differs from this method's {cfg}",
+                          stacklevel=2)
+        self.method.load_state_dict(ckpt["model"])
+        if ckpt.get("optimizer") is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        sampler = ckpt.get("sampler") or {}
+        if sampler.get("seed", self.seed) != self.seed or sampler.get("batch_size", self.batch_size) != \
+                self.batch_size:
+            warnings.warn(f"resuming with seed={self.seed}, batch_size={self.batch_size}, but the checkpoint was "
+                          f"made with seed={sampler.get('seed')}, batch_size={sampler.get('batch_size')}: the data "
+                          "order will differ from an uninterrupted run", stacklevel=2)
+        self.iteration = int(ckpt["iteration"])
+        self.history = [dict(r) for r in ckpt.get("history", [])]
+        extra = ckpt.get("extra") or {}
+        self._best_dice = float(extra.get("best_dice", -math.inf))
+        self._last_val = int(extra.get("last_val", -1))
+        self._window = [dict(r) for r in extra.get("window", [])]
+        if ckpt.get("rng") is not None:
+            set_rng_state(ckpt["rng"])
+        self._started = True
+        if self.log_path is not None:
+            self._rewrite_log()
+        return self
+
+    # -- logging ---------------------------------------------------------------------------------------------
+    def _rewrite_log(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.log_path.with_name(f".{self.log_path.name}.tmp")
+        with open(tmp, "w") as f:
+            for row in self.history:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, self.log_path)
+
+    def _log(self, row: dict) -> None:
+        self.history.append(row)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # -- one iteration ---------------------------------------------------------------------------------------
+    def _batch(self, iteration: int) -> dict:
+        idx = batch_indices(self.seed, iteration, self.batch_size, len(self.train_data))
+        items = [self.train_data[i] for i in idx]
+        for i, item in zip(idx, items):
+            if not _is_sample(item):
+                raise TypeError(f"train_data[{i}] must be a sample dict with 'fixed' and 'moving', got "
+                                f"{type(item).__name__}")
+        if len(items) == 1:
+            return items[0]
+        return _collate([{"fixed": s["fixed"], "moving": s["moving"]} for s in items])
+
+    def _step(self, batch: Mapping) -> dict:
+        fixed = batch["fixed"].to(self.device, non_blocking=True)
+        moving = batch["moving"].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            scaler, dev = self.scaler, self.device.type
+
+            def backward(loss: Tensor) -> None:
+                with torch.autocast(dev, enabled=False):
+                    scaler.scale(loss).backward()
+
+            with torch.autocast(dev, dtype=torch.float16):
+                stats = self.method.training_step(fixed, moving, self.loss_fn, backward=backward)
+        else:
+            stats = self.method.training_step(fixed, moving, self.loss_fn, backward=Tensor.backward)
+        if not isinstance(stats, Mapping) or "loss" not in stats:
+            raise TypeError(f"{type(self.method).__name__}.training_step must return a dict with 'loss', got "
+                            f"{stats!r}")
+        stats = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in stats.items()
+                 if isinstance(v, (numbers.Real, Tensor))}
+        if not math.isfinite(stats["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDivergedError(
+                f"the training loss became {stats['loss']} at iteration {self.iteration + 1} "
+                f"(method {self.method.name!r}, lr={self.lr:g}). Lower the learning rate, or raise the "
+                f"regularisation weight lambda of the loss; the last checkpoint, if any, is in "
+                f"{self.checkpoint_dir}")
+        if self.scaler is not None:
+            if self.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
+            self.optimizer.step()
+        return stats
+
+    def _flush_window(self) -> None:
+        if not self._window:
+            return
+        keys = dict.fromkeys(k for r in self._window for k in r)
+        row = {"split": "train", "iteration": self.iteration}
+        for k in keys:
+            vals = [r[k] for r in self._window if k in r]
+            row[k] = float(sum(vals) / len(vals))
+        row["lr"] = self.optimizer.param_groups[0]["lr"]
+        self._window = []
+        self._log(row)
+
+    # -- validation ------------------------------------------------------------------------------------------
+    def validate(self) -> dict | None:
+        """Evaluate on ``val_data`` (mean Dice, folding %, SDlogJ); append the row to the history and return it.
+
+        Runs in eval mode under ``no_grad`` with the RNG states saved and restored, so training is unaffected.
+        """
+        if not self.val_data:
+            return None
+        from .evaluate import evaluate
+
+        was_training = self.method.training
+        self.method.eval()
+        try:
+            with _isolated_rng():
+                table = evaluate(self.method, self.val_data, steps=self.val_steps, memory=False, hd95=False)
+        finally:
+            self.method.train(was_training)
+        s = table.summary()
+        row = {"split": "val", "iteration": self.iteration}
+        for k in ("dice", "dice_std", "folding_pct", "folding_pct_std", "sdlogj", "sdlogj_std", "tre_mm",
+                  "tre_mm_std", "time_s"):
+            if k in s:
+                row[k] = s[k]
+        self._last_val = self.iteration
+        self._log(row)
+        dice = row.get("dice", float("nan"))
+        if self.checkpoint_dir is not None and math.isfinite(dice) and dice > self._best_dice:
+            self._best_dice = dice
+            self.save(self.checkpoint_dir / "best.pt")
+        return row
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def fit(self, until: int | None = None) -> list[dict]:
+        """Train up to iteration ``until`` (default ``iterations``); return the history.
+
+        Validates every ``val_every`` iterations and at ``iterations``; writes ``checkpoint_dir/last.pt`` every
+        ``checkpoint_every`` iterations and when it returns.
+
+        Raises:
+            TrainingDivergedError: the loss became NaN or inf (the message names the iteration).
+        """
+        until = self.iterations if until is None else _check_int(until, "until", 0)
+        if until > self.iterations:
+            raise ValueError(f"until ({until}) must be <= iterations ({self.iterations})")
+        if not self._started:  # a fresh run: seed, and start a fresh log
+            seed_everything(self.seed)
+            self._started = True
+            if self.log_path is not None:
+                self._rewrite_log()
+        self.method.train()
+        bar = tqdm(total=until, initial=self.iteration, disable=not self.progress, desc=f"train {self.method.name}",
+                   dynamic_ncols=True)
+        try:
+            while self.iteration < until:
+                t0 = time.perf_counter()
+                stats = self._step(self._batch(self.iteration))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                stats["time_s"] = time.perf_counter() - t0
+                self.iteration += 1
+                self._window.append(stats)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+                if self.iteration % self.log_every == 0 or self.iteration == self.iterations:
+                    self._flush_window()
+                if self.val_every and self.iteration % self.val_every == 0:
+                    self.validate()
+                elif self.iteration == self.iterations and self.val_data and self._last_val != self.iteration:
+                    self.validate()
+                if self.checkpoint_dir is not None and self.checkpoint_every and \
+                        self.iteration % self.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+        if self.checkpoint_dir is not None:
+            self.save()
+        return self.history
