@@ -11,7 +11,8 @@ from importlib import import_module as _import_module
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("config", "warp", "losses", "metrics", "solvers", "deq", "datasets", "classical", "viz", "widgets")
+_SUBMODULES = ("config", "warp", "losses", "metrics", "solvers", "deq", "nets", "datasets", "classical", "methods",
+               "train", "evaluate", "viz", "widgets")
 
 
 def __getattr__(name: str):

@@ -1,0 +1,52 @@
+"""The learned registration methods, all behind one interface (:mod:`deqreg_lite.methods.base`).
+
+==========  ===================================================================  ============================
+name        update                                                                training
+==========  ===================================================================  ============================
+voxelmorph  ``disp = UNet([If, Im])`` (one step)                                  loss on the output
+unrolling   ``phi += UNet([If, Im o phi, phi])``, T = 3 (Eq. 3)                   BPTT, loss on the last step
+gradirn     ``phi += CNN_l([If, Im o phi, phi, g]) - eta_l g``, 3 levels x 3      BPTT, loss on the last step
+riir        ConvGRU over U-Net features of ``[If, Im o phi, phi, g]``, T = 6      BPTT, Eq. 4 weights
+deqreg      fixed point of ``phi + UNet([If, Im o phi, phi])``, T = 48, S = 3     phantom gradient, Eq. 9
+deqreg12    the same with T = 12, S = 0                                           phantom gradient
+==========  ===================================================================  ============================
+
+``build_method(name, ndim, **kwargs)`` builds one by name; ``method.config()`` gives the kwargs back (for
+checkpoints: ``build_method(method.name, **method.config())``). The training loss lives in
+:mod:`deqreg_lite.methods.loss` (:class:`RegistrationLoss`, default ``lam = 1`` in voxel units).
+"""
+from __future__ import annotations
+
+import inspect
+
+from .base import Backward, LossFn, RegistrationMethod
+from .deqreg import DEQReg, DEQReg12, deqreg12
+from .gradirn import GraDIRN
+from .loss import RegistrationLoss
+from .riir import RIIR
+from .unrolling import Unrolling
+from .voxelmorph import VoxelMorph
+
+__all__ = ["RegistrationMethod", "LossFn", "Backward", "VoxelMorph", "Unrolling", "GraDIRN", "RIIR", "DEQReg",
+           "DEQReg12", "deqreg12", "RegistrationLoss", "METHODS", "build_method"]
+
+METHODS: dict[str, type[RegistrationMethod]] = {
+    "voxelmorph": VoxelMorph, "unrolling": Unrolling, "gradirn": GraDIRN, "riir": RIIR, "deqreg": DEQReg,
+    "deqreg12": DEQReg12}
+
+
+def build_method(name: str, ndim: int, **kwargs) -> RegistrationMethod:
+    """Build the method called ``name`` (a key of :data:`METHODS`) for ``ndim`` (2 or 3) with its options.
+
+    Raises:
+        ValueError: for an unknown name (the message lists the known ones) or a bad option value.
+        TypeError: for an option the method does not take (the message lists the ones it takes).
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    cls = METHODS[name]
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "ndim")]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise TypeError(f"{name} got unknown option(s) {unknown}; it takes {valid}")
+    return cls(ndim, **kwargs)

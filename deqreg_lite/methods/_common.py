@@ -1,0 +1,140 @@
+"""Helpers shared by the learned methods: input checks, size-agnostic U-Net calls, residuals, result assembly."""
+from __future__ import annotations
+
+import operator
+import time
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._checks import check_image
+from ..losses import Objective
+from ..nets import UNet
+from ..result import RegistrationResult
+from ..warp import warp
+
+__all__ = ["check_pair", "check_steps", "check_count", "unet_apply", "rel_residual", "downsample", "normalise_grad",
+           "similarity_grad", "make_result", "Clock", "residual_step"]
+
+EPS = 1e-9  # as in deqreg_lite.solvers: ||phi_{t+1} - phi_t|| / (||phi_{t+1}|| + EPS)
+
+
+def check_pair(fixed: Tensor, moving: Tensor, ndim: int) -> None:
+    """``fixed`` and ``moving`` must be finite floating-point ``(B, 1, *spatial)`` tensors with ``ndim`` spatial
+    axes and the same shape; raises ``TypeError``/``ValueError`` saying what came."""
+    for name, x in (("fixed", fixed), ("moving", moving)):
+        got = check_image(x, name)
+        if got != ndim:
+            raise ValueError(f"{name} must have shape (B, 1, *{ndim} spatial axes) for a {ndim}D method, "
+                             f"got {tuple(x.shape)}")
+        if x.shape[1] != 1:
+            raise ValueError(f"{name} must have one channel (B, 1, *spatial), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if fixed.shape != moving.shape:
+        raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must have the same shape")
+
+
+def check_steps(steps: int | None, default: int) -> int:
+    """``None`` -> ``default``; otherwise ``steps`` must be an integer >= 1 (``ValueError`` if not)."""
+    if steps is None:
+        return default
+    try:
+        value = operator.index(steps)
+    except TypeError:
+        raise ValueError(f"steps must be None or an integer >= 1, got {steps!r}") from None
+    if isinstance(steps, bool) or value < 1:
+        raise ValueError(f"steps must be None or an integer >= 1, got {steps!r}")
+    return value
+
+
+def check_count(value: int, name: str, low: int = 1) -> int:
+    """A constructor's integer option: ``ValueError`` unless an ``int >= low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def unet_apply(net: UNet, x: Tensor) -> Tensor:
+    """``net(x)`` for any spatial size: ``x`` ``(B, C, *spatial)`` is padded at the far end of every axis
+    (replicate) up to a multiple of ``2**net.levels``, and the output cropped back to ``(B, out, *spatial)``."""
+    m = 2 ** net.levels
+    spatial = x.shape[2:]
+    pads = [(-s) % m for s in spatial]
+    if not any(pads):
+        return net(x)
+    pad_arg: list[int] = []
+    for p in reversed(pads):  # F.pad lists the last axis first
+        pad_arg += [0, p]
+    y = net(F.pad(x, pad_arg, mode="replicate"))
+    return y[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
+
+
+@torch.no_grad()
+def rel_residual(new: Tensor, old: Tensor) -> float:
+    """``||new - old|| / (||new|| + 1e-9)`` per sample (L2 over all non-batch axes), maximum over the batch:
+    the same relative residual as the solvers' ``rel_trace``."""
+    b = new.shape[0]
+    num = (new - old).reshape(b, -1).norm(dim=1)
+    return float((num / (new.reshape(b, -1).norm(dim=1) + EPS)).max())
+
+
+def downsample(image: Tensor, size: Sequence[int]) -> Tensor:
+    """Blur (box of about the reduction factor, odd width) and resample ``image`` ``(B, C, *spatial)`` to ``size``
+    with ``align_corners=True``, the grid convention of :func:`deqreg_lite.warp.resize_disp`."""
+    size = tuple(int(s) for s in size)
+    if tuple(image.shape[2:]) == size:
+        return image
+    factor = max(s / n for s, n in zip(image.shape[2:], size))
+    k = 2 * int(factor // 2) + 1
+    if k > 1:
+        pool = F.avg_pool2d if image.dim() == 4 else F.avg_pool3d
+        image = pool(image, k, stride=1, padding=k // 2, count_include_pad=False)
+    return F.interpolate(image, size=size, mode="bilinear" if image.dim() == 4 else "trilinear",
+                         align_corners=True)
+
+
+def normalise_grad(g: Tensor, eps: float = 1e-12) -> Tensor:
+    """Scale-free gradient: ``g / max|g|`` per sample (values in [-1, 1]; a zero gradient stays zero)."""
+    b = g.shape[0]
+    scale = g.detach().reshape(b, -1).abs().amax(dim=1).clamp_min(eps)
+    return g / scale.view(b, *([1] * (g.dim() - 1)))
+
+
+_SIMILARITY = Objective("lncc", "diffusion", lam=0.0)
+
+
+def similarity_grad(fixed: Tensor, moving: Tensor, disp: Tensor) -> Tensor:
+    """The normalised LNCC gradient ``d(1 - lncc)/d disp`` (``(B, ndim, *spatial)``), computed as an *input*:
+    without a graph (``create_graph=False``), under ``torch.no_grad()`` too (``Objective.grad`` enables grad)."""
+    return normalise_grad(_SIMILARITY.grad(fixed, moving, disp.detach(), create_graph=False))
+
+
+def make_result(disp: Tensor, states: list[Tensor], state_steps: list[int], info: dict,
+                elapsed: float) -> RegistrationResult:
+    trace = {"residual": list(info["residuals"])} if "residuals" in info else {}
+    return RegistrationResult(disp=disp, states=states, state_steps=state_steps, trace=trace, info=info,
+                              time=elapsed)
+
+
+class Clock:
+    """Wall-clock seconds, synchronising CUDA when the tensors live there."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.cuda = x.is_cuda
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - self.start
+
+
+def residual_step(net: UNet, fixed: Tensor, moving: Tensor, phi: Tensor) -> Tensor:
+    """The residual update of Eq. 3/5: ``phi + net([fixed, moving o phi, phi])`` (``net``: ``2 + ndim`` inputs).
+
+    ``fixed``, ``moving`` ``(B, 1, *spatial)``; ``phi`` ``(B, ndim, *spatial)`` in voxels; returns like ``phi``.
+    """
+    return phi + unet_apply(net, torch.cat([fixed, warp(moving, phi), phi], dim=1))

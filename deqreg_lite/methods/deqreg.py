@@ -1,0 +1,166 @@
+"""DEQReg: registration as a deep equilibrium model (Sec. 2.2-2.3, Eq. 5-9).
+
+The update map is ``g(phi) = phi + UNet([If, Im o phi, phi])`` (Eq. 5; VoxelMorph's U-Net with ``2 + ndim`` inputs).
+
+Training (:meth:`DEQReg.training_step`):
+
+1. Solve ``phi* = g(phi*)`` from ``phi_0 = 0`` with :class:`~deqreg_lite.deq.DEQ` **under no_grad** (at most ``T``
+   steps, relative tolerance ``tol``, the lowest-residual iterate), taking ``S`` trajectory states at steps
+   ``(s + 1) T // (S + 1)`` (12, 24, 36 for ``T = 48, S = 3``; always exactly ``S``).
+2. Eq. 9, ``L(phi*) + gamma * sum_s L(phi_s)``, every term with its own phantom gradient (Eq. 7-8: ``K`` damped
+   steps ``phi <- tau g(phi) + (1 - tau) phi`` from the detached point). **Each term is built, back-propagated with
+   ``backward`` and freed before the next** (states first, then ``phi*``): the algorithm of
+   :func:`~deqreg_lite.deq.correction_backward` with lazy states, except that ``phi*``'s graph is built lazily too,
+   so exactly one K-step graph is alive at any time (``correction_backward`` keeps ``phi*``'s alive throughout) and
+   the trainer's ``backward`` (e.g. a scaled one under AMP) is used for every term. The terms' graphs share nothing
+   but the parameters (leaves), so no ``retain_graph`` is needed; the gradients equal
+   ``correction_loss(...).backward()``'s. Memory is flat in ``T`` and in ``S``.
+
+Inference (:meth:`DEQReg.forward`):
+
+* ``steps=None``: the trained solve, as in training (``max_iter=T``, ``tol``, the lowest-residual iterate).
+* ``steps=t``: **exactly t solver steps** with ``tol=0`` and the *last* iterate (``return_policy="last"``): with
+  the default ``solver="fixed_point"`` that is ``phi_t = g^t(0)``, the result after exactly ``t`` steps that a
+  step sweep (Fig. 3) needs, comparable step for step with the unrolled methods. With ``solver="anderson"`` it is
+  Anderson's ``t``-th candidate (``t`` network calls).
+* The returned value never depends on grad mode: with grad on, the phantom gradient is attached without changing
+  the value (``z + (p - p.detach())``, ``p`` the K phantom steps), so ``forward`` is differentiable too.
+* ``info``: ``steps`` (solver steps run), ``nfe`` (solver network calls), ``residuals`` (the solver's relative
+  residual trace ``||g(phi) - phi|| / ||g(phi)||``, max over the batch), ``abs_residuals``, ``converged``,
+  ``best_step``, ``diverged``, ``solver``. States are the solver's candidates ``g(z_k)`` (``phi_1 .. phi_t`` for
+  fixed-point iteration).
+* Divergence (NaN, or a residual 1000x the first) is flagged (``info["diverged"]``), not raised: the solver then
+  returns its best finite iterate.
+
+Defaults: ``solver="fixed_point"`` (the paper: "a fixed-point iteration strategy"; ``"anderson"`` reaches lower
+residuals at the same Dice, shared/lessons.md), ``tau=0.5`` (the paper: in (0, 1), value not given), ``K=3``,
+``tol=1e-3`` (relative; rarely reached in training, so training usually runs all ``T`` steps).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..deq import DEQ, phantom
+from ..nets import UNet
+from ..result import RegistrationResult
+from .base import Backward, LossFn, RegistrationMethod
+from ._common import Clock, check_count, check_pair, check_steps, make_result, residual_step
+
+__all__ = ["DEQReg", "DEQReg12", "deqreg12"]
+
+
+class DEQReg(RegistrationMethod):
+    """Deep-equilibrium registration (see the module docstring).
+
+    Args:
+        ndim: 2 or 3.
+        T: most solver steps in training and at test time with ``steps=None`` (the paper: 48).
+        S: trajectory states in the Eq. 9 correction loss (the paper: 3; 0: none).
+        gamma: weight of the state terms (the paper: 0.5).
+        K: phantom-gradient steps (Eq. 7-8).
+        tau: phantom-gradient damping in (0, 1].
+        solver: ``"fixed_point"`` (default), ``"anderson"`` or ``"broyden"``.
+        tol: relative tolerance of the solve for ``steps=None`` and in training.
+    """
+
+    name = "deqreg"
+
+    def __init__(self, ndim: int, T: int = 48, S: int = 3, gamma: float = 0.5, K: int = 3, tau: float = 0.5,
+                 solver: str = "fixed_point", tol: float = 1e-3) -> None:
+        super().__init__(ndim)
+        self.T = self.trained_steps = check_count(T, "T")
+        self.S = check_count(S, "S", low=0)
+        self.K = check_count(K, "K")
+        if not 0 <= gamma < math.inf:
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+        self.gamma, self.tau, self.solver, self.tol = float(gamma), float(tau), solver, float(tol)
+        # validates solver, tau and tol; holds options only (no parameters, nothing in the state dict)
+        self.deq = DEQ(solver=solver, max_iter=T, tol=tol, grad="phantom", K=K, tau=tau, n_states=S,
+                       on_diverge="flag")
+        self.net = UNet(ndim, 2 + ndim, ndim)
+
+    def config(self) -> dict:
+        return {"ndim": self.ndim, "T": self.T, "S": self.S, "gamma": self.gamma, "K": self.K, "tau": self.tau,
+                "solver": self.solver, "tol": self.tol}
+
+    def update_map(self, fixed: Tensor, moving: Tensor,
+                   record: Optional[list[Tensor]] = None) -> Callable[[Tensor], Tensor]:
+        """``g(phi) = phi + UNet([fixed, moving o phi, phi])`` as a closure over the images (``(B, 1, *spatial)``);
+        every output is appended to ``record`` when given."""
+        def g(phi: Tensor) -> Tensor:
+            out = residual_step(self.net, fixed, moving, phi)
+            if record is not None:
+                record.append(out.detach())
+            return out
+        return g
+
+    def _zeros(self, fixed: Tensor) -> Tensor:
+        return fixed.new_zeros(fixed.shape[0], self.ndim, *fixed.shape[2:])
+
+    def forward(self, fixed: Tensor, moving: Tensor, steps: Optional[int] = None,
+                return_states: bool = False) -> RegistrationResult:
+        """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)``): the trained solve (``steps=None``) or exactly
+        ``steps`` solver steps, the last one returned. ``disp`` ``(B, ndim, *spatial)``."""
+        check_pair(fixed, moving, self.ndim)
+        exact = steps is not None
+        n = check_steps(steps, self.T)
+        clock = Clock(fixed)
+        deq = DEQ(solver=self.solver, max_iter=n, tol=0.0 if exact else self.tol, grad="phantom", K=self.K,
+                  tau=self.tau, on_diverge="flag", return_policy="last" if exact else "lowest")
+        record: Optional[list[Tensor]] = [] if return_states else None
+        with torch.no_grad():
+            disp, _, dinfo = deq(self.update_map(fixed, moving, record), self._zeros(fixed))
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            p = phantom(self.update_map(fixed, moving), disp, self.K, self.tau)
+            disp = disp + (p - p.detach())  # the phantom gradient, the solver's value
+        states = record[:dinfo.nfe] if record is not None else []
+        info = {"steps": dinfo.nstep, "nfe": dinfo.nfe, "residuals": list(dinfo.rel_trace),
+                "abs_residuals": list(dinfo.abs_trace), "converged": dinfo.converged, "best_step": dinfo.best_step,
+                "diverged": dinfo.diverged, "solver": self.solver}
+        return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
+
+    def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
+                      backward: Backward = Tensor.backward) -> dict[str, float]:
+        """The Eq. 9 correction loss with phantom gradients, one term's graph alive at a time (module docstring).
+
+        Returns ``loss`` (Eq. 9 total), ``loss_final`` (``L(phi*)``), ``nfe`` (solver calls), ``grad_nfe``
+        (``K (S + 1)`` calls with a graph), ``steps``, ``residual`` (relative residual of ``phi*``),
+        ``converged``, ``diverged``, ``n_padded`` (states padded with ``phi*`` after an early stop).
+        """
+        check_pair(fixed, moving, self.ndim)
+        g = self.update_map(fixed, moving)
+        with torch.no_grad():
+            z_star, states, dinfo = self.deq(g, self._zeros(fixed))
+
+        def term(z: Tensor, weight: float) -> float:
+            loss = loss_fn(fixed, moving, phantom(g, z, self.K, self.tau))
+            if weight != 1.0:
+                loss = weight * loss
+            backward(loss)  # frees this term's graph before the next one is built
+            return float(loss.detach())
+
+        total = sum(term(z_t, self.gamma) for z_t in states)
+        final = term(z_star, 1.0)
+        return {"loss": total + final, "loss_final": final, "nfe": float(dinfo.nfe),
+                "grad_nfe": float(self.K * (len(states) + 1)), "steps": float(dinfo.nstep),
+                "residual": float(dinfo.residual), "converged": float(dinfo.converged),
+                "diverged": float(dinfo.diverged), "n_padded": float(dinfo.n_padded)}
+
+
+class DEQReg12(DEQReg):
+    """DEQReg-12 of the convergence analysis: ``T = 12`` solver steps and no state correction (``S = 0``)."""
+
+    name = "deqreg12"
+
+    def __init__(self, ndim: int, T: int = 12, S: int = 0, gamma: float = 0.5, K: int = 3, tau: float = 0.5,
+                 solver: str = "fixed_point", tol: float = 1e-3) -> None:
+        super().__init__(ndim, T=T, S=S, gamma=gamma, K=K, tau=tau, solver=solver, tol=tol)
+
+
+def deqreg12(ndim: int, **kwargs) -> DEQReg12:
+    """``DEQReg12(ndim, **kwargs)``: DEQReg with ``T=12, S=0``."""
+    return DEQReg12(ndim, **kwargs)

@@ -1,0 +1,130 @@
+"""GraDIRN-style unrolling: learned updates plus an explicit similarity-gradient step, over resolution levels.
+
+Each step at level ``l`` (images resampled to that level, displacement in that level's voxels)::
+
+    g    = normalise(d(1 - LNCC(If, Im o phi)) / d phi)         # max|g| = 1 per sample
+    phi <- phi + CNN_l([If, Im o phi, phi, g]) - eta_l * g
+
+with ``levels`` levels (default 3: 1/4, 1/2, 1) and ``steps_per_level`` steps each; the field is upsampled
+between levels with :func:`~deqreg_lite.warp.resize_disp` (values rescaled to the new voxel size).
+
+Design choices (documented because the paper leaves them open):
+
+* **Weights shared per level**: one U-Net (VoxelMorph configuration, ``2 + 2 ndim`` inputs) per level, tied across
+  that level's steps, and one learnable step size ``eta_l = softplus(rho_l)`` per level (initial 1 voxel of that
+  level). Tying within a level is what lets ``steps`` vary at test time, as the paper does at the highest level.
+* **The similarity gradient is an input**: computed with ``create_graph=False`` on a detached field, in training too,
+  so no second derivatives are taken (cheaper, and ``grid_sample``'s double backward is not needed); the gradient of
+  the training loss flows through the CNN and the identity path only. It is normalised by its max-abs per sample, so
+  the step is scale-free (``eta_l`` is in voxels).
+* Images are blurred (a box about the reduction factor wide) and resampled with ``align_corners=True``, the grid
+  convention of ``resize_disp``; sizes are ``max(2, s // 2**(levels - 1 - l))``. The U-Nets pad any size.
+* ``steps`` at test time sets the number of steps at the **highest** level; coarser levels always run
+  ``steps_per_level``. ``trained_steps`` is therefore ``steps_per_level``. States, ``state_steps`` and
+  ``residuals`` cover the highest level only (``info["coarse_residuals"]`` holds the others); ``nfe`` counts every
+  network call.
+* Loss on the final output only (``w_t = 0`` in Eq. 4), BPTT through all ``levels * steps_per_level`` steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nets import UNet
+from ..result import RegistrationResult
+from ..warp import resize_disp, warp
+from .base import Backward, LossFn, RegistrationMethod
+from ._common import (Clock, check_count, check_pair, check_steps, downsample, make_result, rel_residual,
+                      similarity_grad, unet_apply)
+
+__all__ = ["GraDIRN"]
+
+
+class GraDIRN(RegistrationMethod):
+    """Multi-level learned gradient descent (GraDIRN). See the module docstring for the update and the choices.
+
+    Args:
+        ndim: 2 or 3.
+        levels: resolution levels (factors ``2**(levels-1) .. 1``); the paper: 3.
+        steps_per_level: steps at every level during training; the paper: 3.
+        eta_init: initial step size of the gradient term, in voxels of each level.
+    """
+
+    name = "gradirn"
+
+    def __init__(self, ndim: int, levels: int = 3, steps_per_level: int = 3, eta_init: float = 1.0) -> None:
+        super().__init__(ndim)
+        self.levels = check_count(levels, "levels")
+        self.steps_per_level = self.trained_steps = check_count(steps_per_level, "steps_per_level")
+        if not 0 < eta_init < math.inf:
+            raise ValueError(f"eta_init must be a positive number, got {eta_init!r}")
+        self.eta_init = float(eta_init)
+        self.nets = nn.ModuleList(UNet(ndim, 2 + 2 * ndim, ndim) for _ in range(levels))
+        rho = math.log(math.expm1(self.eta_init))  # softplus^-1
+        self.rho = nn.Parameter(torch.full((levels,), rho))
+
+    def config(self) -> dict:
+        return {"ndim": self.ndim, "levels": self.levels, "steps_per_level": self.steps_per_level,
+                "eta_init": self.eta_init}
+
+    @property
+    def eta(self) -> Tensor:
+        """The per-level step sizes ``(levels,)``, in voxels of each level."""
+        return F.softplus(self.rho)
+
+    def _iterate(self, fixed: Tensor, moving: Tensor, steps: int, keep: bool) -> tuple[Tensor, list[Tensor], dict]:
+        spatial = fixed.shape[2:]
+        eta = self.eta
+        phi: Optional[Tensor] = None
+        phis: list[Tensor] = []
+        residuals: list[list[float]] = []
+        for level in range(self.levels):
+            factor = 2 ** (self.levels - 1 - level)
+            size = [max(2, s // factor) for s in spatial]
+            f_l, m_l = downsample(fixed, size), downsample(moving, size)
+            if phi is None:
+                phi = fixed.new_zeros(fixed.shape[0], self.ndim, *size)
+            else:
+                phi = resize_disp(phi, size)
+            top = level == self.levels - 1
+            trace: list[float] = []
+            for _ in range(steps if top else self.steps_per_level):
+                g = similarity_grad(f_l, m_l, phi)
+                update = unet_apply(self.nets[level], torch.cat([f_l, warp(m_l, phi), phi, g], dim=1))
+                new = phi + update - eta[level] * g
+                trace.append(rel_residual(new, phi))
+                phi = new
+                if keep and top:
+                    phis.append(phi)
+            residuals.append(trace)
+        nfe = sum(len(t) for t in residuals)
+        info = {"steps": steps, "nfe": nfe, "residuals": residuals[-1], "coarse_residuals": residuals[:-1]}
+        return phi, phis, info
+
+    def forward(self, fixed: Tensor, moving: Tensor, steps: Optional[int] = None,
+                return_states: bool = False) -> RegistrationResult:
+        """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)``); ``steps`` (default ``steps_per_level``) is the
+        number of steps at the highest level. Works under ``torch.no_grad()`` (the similarity gradient enables grad
+        locally)."""
+        check_pair(fixed, moving, self.ndim)
+        steps = check_steps(steps, self.steps_per_level)
+        clock = Clock(fixed)
+        disp, phis, info = self._iterate(fixed, moving, steps, return_states)
+        states = [p.detach() for p in phis]
+        return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
+
+    def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
+                      backward: Backward = Tensor.backward) -> dict[str, float]:
+        """BPTT through every level's steps, loss on the final full-resolution field only."""
+        check_pair(fixed, moving, self.ndim)
+        disp, _, info = self._iterate(fixed, moving, self.steps_per_level, keep=False)
+        loss = loss_fn(fixed, moving, disp)
+        backward(loss)
+        out = {"loss": float(loss.detach()), "steps": float(self.steps_per_level), "nfe": float(info["nfe"]),
+               "residual": info["residuals"][-1]}
+        out.update({f"eta{l}": float(e) for l, e in enumerate(self.eta.detach())})
+        return out

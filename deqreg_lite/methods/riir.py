@@ -1,0 +1,128 @@
+"""RIIR-style recurrent registration: a U-Net feature extractor, a ConvGRU memory and a small update head.
+
+One step, with hidden state ``h`` (``h_0 = 0``, ``phi_0 = 0``)::
+
+    x        = [If, Im o phi_t, phi_t, g_t]         # g_t: normalised LNCC gradient (use_grad=True, the default)
+    h_{t+1}  = ConvGRU(UNet(x), h_t)                # U-Net: VoxelMorph configuration, ``hidden`` output features
+    phi_{t+1} = phi_t + Conv3x3(h_{t+1})             # the head starts near zero (normal, std 1e-5)
+
+Design choices:
+
+* **Similarity gradient as input** (``use_grad=True``): RIIR descends from recurrent inference machines, whose
+  input is the gradient of the data term. It is computed like GraDIRN's, without a graph
+  (``create_graph=False``) and normalised by its max-abs per sample; ``use_grad=False`` gives the plain
+  ``[If, Im o phi, phi]`` input of the other iterative methods.
+* **Loss** (Eq. 4): ``sum_t w_t L(phi_t) / sum_t w_t`` with ``w_t = 10**((t-1)/(T-1))`` (``w = 1`` for ``T = 1``).
+  The weights are **normalised to sum to 1**, so the reported loss is a weighted mean of per-step losses, on the
+  same scale as the other methods' (the learning rate means the same). Trained by BPTT through ``T`` steps.
+* The ConvGRU runs at full resolution, ``hidden`` channels (16), 3x3 gates.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..nets import UNet
+from ..result import RegistrationResult
+from ..warp import warp
+from .base import Backward, LossFn, RegistrationMethod
+from ._common import Clock, check_count, check_pair, check_steps, make_result, rel_residual, similarity_grad, unet_apply
+
+__all__ = ["RIIR", "ConvGRU", "riir_weights"]
+
+
+def riir_weights(T: int) -> list[float]:
+    """Eq. 4's ``w_t = 10**((t-1)/(T-1))``, ``t = 1..T``, normalised to sum to 1."""
+    w = [10.0 ** ((t - 1) / (T - 1)) if T > 1 else 1.0 for t in range(1, T + 1)]
+    s = sum(w)
+    return [x / s for x in w]
+
+
+class ConvGRU(nn.Module):
+    """Convolutional GRU cell: ``h' = (1 - z) h + z tanh(W_q [x, r h])`` with ``z, r = sigmoid(W_g [x, h])``.
+
+    ``x`` ``(B, in_channels, *spatial)``, ``h`` ``(B, hidden, *spatial)``; returns ``(B, hidden, *spatial)``.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, hidden: int) -> None:
+        super().__init__()
+        conv = nn.Conv2d if ndim == 2 else nn.Conv3d
+        self.hidden = hidden
+        self.gates = conv(in_channels + hidden, 2 * hidden, 3, padding=1)
+        self.candidate = conv(in_channels + hidden, hidden, 3, padding=1)
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        z, r = torch.sigmoid(self.gates(torch.cat([x, h], dim=1))).chunk(2, dim=1)
+        q = torch.tanh(self.candidate(torch.cat([x, r * h], dim=1)))
+        return torch.lerp(h, q, z)
+
+
+class RIIR(RegistrationMethod):
+    """Recurrent registration with a ConvGRU hidden state (see the module docstring).
+
+    Args:
+        ndim: 2 or 3.
+        T: training steps (the paper: 6).
+        hidden: channels of the U-Net's features and of the ConvGRU state.
+        use_grad: feed the normalised similarity gradient as an extra input.
+    """
+
+    name = "riir"
+
+    def __init__(self, ndim: int, T: int = 6, hidden: int = 16, use_grad: bool = True) -> None:
+        super().__init__(ndim)
+        self.T = self.trained_steps = check_count(T, "T")
+        self.hidden = check_count(hidden, "hidden")
+        if not isinstance(use_grad, bool):
+            raise ValueError(f"use_grad must be True or False, got {use_grad!r}")
+        self.use_grad = use_grad
+        self.features = UNet(ndim, 2 + ndim + (ndim if use_grad else 0), hidden)
+        self.features.head.reset_parameters()  # features, not an update: the default init, not a near-zero one
+        self.gru = ConvGRU(ndim, hidden, hidden)
+        self.head = (nn.Conv2d if ndim == 2 else nn.Conv3d)(hidden, ndim, 3, padding=1)
+        nn.init.normal_(self.head.weight, std=1e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def config(self) -> dict:
+        return {"ndim": self.ndim, "T": self.T, "hidden": self.hidden, "use_grad": self.use_grad}
+
+    def _iterate(self, fixed: Tensor, moving: Tensor, steps: int,
+                 keep: bool) -> tuple[Tensor, list[Tensor], list[float]]:
+        phi = fixed.new_zeros(fixed.shape[0], self.ndim, *fixed.shape[2:])
+        h = fixed.new_zeros(fixed.shape[0], self.hidden, *fixed.shape[2:])
+        phis, residuals = [], []
+        for _ in range(steps):
+            x = [fixed, warp(moving, phi), phi]
+            if self.use_grad:
+                x.append(similarity_grad(fixed, moving, phi))
+            h = self.gru(unet_apply(self.features, torch.cat(x, dim=1)), h)
+            new = phi + self.head(h)
+            residuals.append(rel_residual(new, phi))
+            phi = new
+            if keep:
+                phis.append(phi)
+        return phi, phis, residuals
+
+    def forward(self, fixed: Tensor, moving: Tensor, steps: Optional[int] = None,
+                return_states: bool = False) -> RegistrationResult:
+        """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)``) in ``steps`` (default ``T``) recurrent steps."""
+        check_pair(fixed, moving, self.ndim)
+        steps = check_steps(steps, self.T)
+        clock = Clock(fixed)
+        disp, phis, residuals = self._iterate(fixed, moving, steps, return_states)
+        states = [p.detach() for p in phis]
+        info = {"steps": steps, "nfe": steps, "residuals": residuals}
+        return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
+
+    def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
+                      backward: Backward = Tensor.backward) -> dict[str, float]:
+        """BPTT through ``T`` steps with the normalised Eq. 4 weights on every step's loss."""
+        check_pair(fixed, moving, self.ndim)
+        _, phis, residuals = self._iterate(fixed, moving, self.T, keep=True)
+        losses = [loss_fn(fixed, moving, p) for p in phis]
+        loss = sum(w * l for w, l in zip(riir_weights(self.T), losses))
+        backward(loss)
+        return {"loss": float(loss.detach()), "loss_final": float(losses[-1].detach()), "steps": float(self.T),
+                "nfe": float(self.T), "residual": residuals[-1]}

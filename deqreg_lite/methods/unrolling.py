@@ -1,0 +1,68 @@
+"""Vanilla unrolling (Eq. 3): weight-tied residual updates trained by backpropagation through time."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from ..nets import UNet
+from ..result import RegistrationResult
+from .base import Backward, LossFn, RegistrationMethod
+from ._common import Clock, check_count, check_pair, check_steps, make_result, rel_residual, residual_step
+
+__all__ = ["Unrolling"]
+
+
+class Unrolling(RegistrationMethod):
+    """``phi_{t+1} = phi_t + f_theta([If, Im o phi_t, phi_t])``, ``phi_0 = 0`` (Eq. 3), one U-Net (``2 + ndim``
+    inputs) shared by every step. Trained by BPTT through ``T`` steps with the loss on the last step only
+    (``w_t = 0`` in Eq. 4); memory grows linearly with ``T``. At test time ``steps`` may be any count >= 1.
+
+    ``info``: ``steps``, ``nfe`` (= steps), ``residuals`` (``||phi_{t+1} - phi_t|| / ||phi_{t+1}||`` per step,
+    maximum over the batch). States are ``phi_1 .. phi_steps`` (``state_steps`` 1..steps).
+    """
+
+    name = "unrolling"
+
+    def __init__(self, ndim: int, T: int = 3) -> None:
+        super().__init__(ndim)
+        self.T = self.trained_steps = check_count(T, "T")
+        self.net = UNet(ndim, 2 + ndim, ndim)
+
+    def config(self) -> dict:
+        return {"ndim": self.ndim, "T": self.T}
+
+    def _iterate(self, fixed: Tensor, moving: Tensor, steps: int,
+                 keep: bool) -> tuple[Tensor, list[Tensor], list[float]]:
+        """Run ``steps`` updates from zero (with the graph when grad mode is on); return the last field, the fields
+        of every step when ``keep`` (else empty) and the residual trace."""
+        phi = fixed.new_zeros(fixed.shape[0], self.ndim, *fixed.shape[2:])
+        phis, residuals = [], []
+        for _ in range(steps):
+            new = residual_step(self.net, fixed, moving, phi)
+            residuals.append(rel_residual(new, phi))
+            phi = new
+            if keep:
+                phis.append(phi)
+        return phi, phis, residuals
+
+    def forward(self, fixed: Tensor, moving: Tensor, steps: Optional[int] = None,
+                return_states: bool = False) -> RegistrationResult:
+        """Register ``moving`` to ``fixed`` (both ``(B, 1, *spatial)``) in ``steps`` (default ``T``) updates."""
+        check_pair(fixed, moving, self.ndim)
+        steps = check_steps(steps, self.T)
+        clock = Clock(fixed)
+        disp, phis, residuals = self._iterate(fixed, moving, steps, return_states)
+        info = {"steps": steps, "nfe": steps, "residuals": residuals}
+        states = [p.detach() for p in phis]
+        return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
+
+    def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
+                      backward: Backward = Tensor.backward) -> dict[str, float]:
+        """BPTT through ``T`` steps, loss on ``phi_T`` only."""
+        check_pair(fixed, moving, self.ndim)
+        disp, _, residuals = self._iterate(fixed, moving, self.T, keep=False)
+        loss = loss_fn(fixed, moving, disp)
+        backward(loss)
+        return {"loss": float(loss.detach()), "steps": float(self.T), "nfe": float(self.T),
+                "residual": residuals[-1]}
