@@ -43,7 +43,10 @@ def show_labels(ax, image: Tensor, seg: Tensor, title: str = "", alpha: float = 
     """Image with its label map overlaid."""
     ax.imshow(to_2d(image), cmap="gray")
     lab = to_2d(seg).astype(float)
-    ax.imshow(np.ma.masked_where(lab == 0, lab), cmap="tab20", alpha=alpha, interpolation="nearest")
+    # one fixed colour per label id (tab10 for up to 9 labels, tab20 beyond), so labels 1-3 differ clearly
+    cmap, top = ("tab10", 10) if lab.max() < 10 else ("tab20", 20)
+    ax.imshow(np.ma.masked_where(lab == 0, lab % top), cmap=cmap, vmin=0, vmax=top - 1, alpha=alpha,
+              interpolation="nearest")
     ax.set_title(title)
     ax.set_axis_off()
 
