@@ -23,7 +23,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     seed_everything(args.seed)
     sample = load_sample(args.sample)
-    iterations = args.iterations or by_mode(quick=60, default=300)
+    iterations = args.iterations or by_mode(quick=60, default=150)
     print(f"deqreg_lite demo: classical registration of the shipped '{args.sample}' pair "
           f"{tuple(sample['fixed'].shape[2:])}, {sample['ids'][1]} -> {sample['ids'][0]}")
     print(f"  optimizer={args.optimizer} lam={args.lam} iterations={iterations} levels={args.levels}")
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--optimizer", default="adam", choices=["adam", "gd"])
     demo.add_argument("--lam", type=float, default=3.0, help="diffusion weight (displacements in voxels)")
     demo.add_argument("--lr", type=float, default=None, help="step size (default: the optimizer's default)")
-    demo.add_argument("--iterations", type=int, default=None, help="default: 300, or 60 in quick mode")
+    demo.add_argument("--iterations", type=int, default=None, help="per resolution level; default 150, or 60 in quick mode")
     demo.add_argument("--levels", type=int, default=2, help="resolution levels")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="outputs/demo.png", help="where to save the figure")
