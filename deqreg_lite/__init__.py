@@ -12,7 +12,7 @@ from importlib import import_module as _import_module
 __version__ = "0.1.0"
 
 _SUBMODULES = ("config", "warp", "losses", "metrics", "solvers", "deq", "nets", "datasets", "classical", "methods",
-               "train", "evaluate", "viz", "widgets")
+               "train", "evaluate", "pretrained", "viz", "widgets")
 
 
 def __getattr__(name: str):
@@ -21,10 +21,12 @@ def __getattr__(name: str):
         return _import_module(f"{__name__}.{name}")
     if name == "load_sample":
         return _import_module(f"{__name__}.datasets").load_sample
+    if name == "load_pretrained":
+        return _import_module(f"{__name__}.pretrained").load_pretrained
     if name == "register":
         return _import_module(f"{__name__}.classical").register
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_SUBMODULES) + ["load_sample", "register"])
+    return sorted(list(globals()) + list(_SUBMODULES) + ["load_sample", "register", "load_pretrained"])
