@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_disp, check_image, check_options, check_same_spatial
@@ -21,27 +20,51 @@ from .warp import warp
 
 __all__ = ["box_mean", "lncc", "mse", "diffusion", "Objective", "LNCC", "Diffusion"]
 
-_POOLS = {2: F.avg_pool2d, 3: F.avg_pool3d}
+
+def _box_sum(x: Tensor, win: int) -> Tensor:
+    """Sum over a ``win``-wide box (zeros outside), into a new tensor; ``x`` is left untouched.
+
+    Per spatial axis: a copy, then ``win - 1`` in-place adds of shifted slices. Each pass is a plain, contiguous,
+    vectorised add, several times faster on CPU than ``avg_pool``/grouped ``conv`` (and than cumulative sums,
+    which also lose precision on long axes); the sum is exactly 0 wherever the box holds only zeros.
+    """
+    pad = win // 2
+    for dim in range(2, x.dim()):
+        n = x.shape[dim]
+        out = x.clone(memory_format=torch.contiguous_format)
+        for k in range(1, min(pad, n - 1) + 1):
+            out.narrow(dim, k, n - k).add_(x.narrow(dim, 0, n - k))
+            out.narrow(dim, 0, n - k).add_(x.narrow(dim, k, n - k))
+        x = out
+    return x
+
+
+class _BoxMean(torch.autograd.Function):
+    """Zero-padded box mean. The filter is symmetric, so it is its own adjoint: the backward pass is the same
+    box mean of the incoming gradient (and differentiable again, for double backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, win: int) -> Tensor:  # type: ignore[override]
+        ctx.win = win
+        return _box_sum(x, win).mul_(1.0 / win ** (x.dim() - 2))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return _BoxMean.apply(grad, ctx.win), None
 
 
 def box_mean(x: Tensor, win: int) -> Tensor:
     """Mean over a ``win``-wide box around every voxel, with zeros outside the image.
 
-    Separable: one 1D average per spatial axis, so the cost grows with ``win``, not ``win**ndim``.
+    Separable: one 1D box sum per spatial axis, so the cost grows with ``win``, not ``win**ndim``.
     Args:
         x: ``(B, C, *spatial)``.
     Returns:
         ``(B, C, *spatial)``.
     """
-    ndim = x.dim() - 2
-    pool = _POOLS[ndim]
-    pad = win // 2
-    for axis in range(ndim):
-        kernel = [1] * ndim
-        padding = [0] * ndim
-        kernel[axis], padding[axis] = win, pad
-        x = pool(x, kernel_size=kernel, stride=1, padding=padding, count_include_pad=True)
-    return x
+    if win < 1 or win % 2 == 0:
+        raise ValueError(f"win must be a positive odd integer, got {win}")
+    return _BoxMean.apply(x, win)
 
 
 def lncc(a: Tensor, b: Tensor, win: int = 5, eps: float = 1e-8, reduction: str = "mean") -> Tensor:
@@ -69,13 +92,14 @@ def lncc(a: Tensor, b: Tensor, win: int = 5, eps: float = 1e-8, reduction: str =
     if win < 1 or win % 2 == 0:
         raise ValueError(f"win must be a positive odd integer, got {win}")
     check_options(reduction, ("mean", "none"), "reduction")
-    c = a.shape[1]
-    stats = box_mean(torch.cat([a, b, a * a, b * b, a * b], dim=1), win)
-    mu_a, mu_b, aa, bb, ab = stats.split(c, dim=1)
-    var_a = (aa - mu_a * mu_a).clamp_min(0.0)
-    var_b = (bb - mu_b * mu_b).clamp_min(0.0)
-    cc = (ab - mu_a * mu_b) * torch.rsqrt(var_a * var_b + eps)
-    cc = cc.clamp(-1.0, 1.0)
+    # One box filter per statistic rather than one on a 5-channel stack: each pass stays cache-sized, and
+    # autograd only runs the backward of the statistics that depend on an input that needs a gradient.
+    mu_a, mu_b = box_mean(a, win), box_mean(b, win)
+    aa, bb, ab = box_mean(a * a, win), box_mean(b * b, win), box_mean(a * b, win)
+    var_a = torch.addcmul(aa, mu_a, mu_a, value=-1.0).clamp_min(0.0)
+    var_b = torch.addcmul(bb, mu_b, mu_b, value=-1.0).clamp_min(0.0)
+    cov = torch.addcmul(ab, mu_a, mu_b, value=-1.0)
+    cc = (cov * torch.rsqrt(var_a * var_b + eps)).clamp(-1.0, 1.0)
     return cc.mean() if reduction == "mean" else cc
 
 

@@ -1,0 +1,347 @@
+"""Training memory against the number of steps T: BPTT (Unrolling) vs DEQReg, with VoxelMorph as the reference.
+
+The paper's Fig. 2c and Table 1 ("Mem."): unrolled methods trained by backpropagation through time (BPTT) need
+memory that grows linearly with the number of steps T, while DEQReg's stays flat (its solver runs under no_grad
+and only the K phantom-gradient steps of one Eq. 9 term keep a graph); DEQReg used 6925 MB against VoxelMorph's
+2645 MB (2.6x) on OASIS.
+
+Measured here, one training step (``method.training_step``) per point, batch 1, at 2D 128x128 and 3D 32^3:
+
+* ``voxelmorph``: one U-Net call (the reference line);
+* ``unrolling(T)``: BPTT through T steps, T in {1, 2, 4, 8, 16, 48, 96};
+* ``deqreg(T, S=3, K=3, tau=0.5, tol=0)``: the library's DEQReg, each Eq. 9 term back-propagated as soon as it is
+  formed. ``tol=0`` makes the solver run all T steps (an untrained map would otherwise stop after 1-2);
+* ``deqreg naive`` (T = 48 only): the same Eq. 9 loss built as one scalar (``deq.correction_loss``) and
+  back-propagated once, so the S + 1 = 4 K-step graphs are alive together: what the library avoids;
+* ``deqreg K=1, K=2`` (T = 48 only): how the ratio to VoxelMorph scales with K.
+
+Memory: on the CPU, :func:`deqreg_lite.evaluate.training_memory` with ``kind="saved"``: the peak of the bytes saved
+for backward that are alive together (de-duplicated by storage; parameters saved by the convolutions count too;
+temporaries, the model, the gradients and the optimizer do not). On CUDA, ``kind="cuda_peak"``:
+``torch.cuda.max_memory_allocated`` during the step (everything, as the paper's column). The device is picked
+automatically (``--device`` overrides). Saved-bytes counts do not depend on the machine or on its load; CUDA peaks
+depend a little on the allocator. A point whose predicted run time exceeds ``--max-point-s`` is skipped and
+recorded as skipped.
+
+    python benchmarks/memory_vs_steps.py            # ~6 min on one busy CPU core
+    python benchmarks/memory_vs_steps.py --quick    # smoke run (< 1 min): 2D 64x64 and 3D 16^3, T <= 8
+
+Writes ``benchmarks/results/memory_vs_steps.{json,md,png}`` (``--quick``: to a temporary folder unless ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deqreg_lite.deq import correction_loss, phantom
+from deqreg_lite.evaluate import training_memory
+from deqreg_lite.methods import DEQReg, RegistrationLoss, build_method
+
+PAPER = {"voxelmorph_MB": 2645, "deqreg_MB": 6925}
+GOAL_RATIO = PAPER["deqreg_MB"] / PAPER["voxelmorph_MB"]  # 2.618: the paper's, rounded to 2.6 in the issue
+GOAL_RATIO_ROUNDED = 2.6
+FLAT_TOL = 0.05
+STEPS = (1, 2, 4, 8, 16, 48, 96)
+CASES = {"2D 128x128": (128, 128), "3D 32^3": (32, 32, 32)}
+QUICK_STEPS = (1, 2, 4, 8)
+QUICK_CASES = {"2D 64x64": (64, 64), "3D 16^3": (16, 16, 16)}
+MIB = 2 ** 20
+
+
+class NaiveDEQReg(DEQReg):
+    """DEQReg whose Eq. 9 loss is one scalar back-propagated once: all S + 1 phantom graphs alive together."""
+
+    name = "deqreg_naive"
+
+    def training_step(self, fixed, moving, loss_fn, backward=Tensor.backward):
+        g = self.update_map(fixed, moving)
+        with torch.no_grad():
+            z_star, states, info = self.deq(g, self._zeros(fixed))
+
+        def term(z):
+            return loss_fn(fixed, moving, z)
+
+        loss = correction_loss(term, phantom(g, z_star, self.K, self.tau),
+                               [phantom(g, s, self.K, self.tau) for s in states], self.gamma)
+        backward(loss)
+        return {"loss": float(loss.detach()), "nfe": float(info.nfe)}
+
+
+# --------------------------------------------------------------------------------------------- load
+def _busy_cpu_seconds() -> float | None:
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+
+
+class LoadMeter:
+    """Cores kept busy by other processes while the block runs (as in core_speed.py), plus the load average."""
+
+    def __enter__(self):
+        self.wall, self.busy, self.own = time.perf_counter(), _busy_cpu_seconds(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        busy, wall, own = _busy_cpu_seconds(), time.perf_counter() - self.wall, time.process_time() - self.own
+        self.cores = None if busy is None or self.busy is None else max(0.0, (busy - self.busy - own) / wall)
+        self.loadavg = os.getloadavg() if hasattr(os, "getloadavg") else None
+        return False
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def make_pair(spatial: tuple[int, ...], device: torch.device, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Smooth random images in [0, 1] (the values do not change the saved bytes)."""
+    gen = torch.Generator().manual_seed(seed)
+    mode = "trilinear" if len(spatial) == 3 else "bilinear"
+
+    def img():
+        coarse = torch.rand(1, 1, *[max(2, s // 8) for s in spatial], generator=gen)
+        return F.interpolate(coarse, size=spatial, mode=mode, align_corners=True).clamp(0, 1)
+    return img().to(device), img().to(device)
+
+
+def linear_fit(xs: list[float], ys: list[float]) -> dict:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    slope = sxy / sxx if sxx else 0.0
+    icpt = my - slope * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - (icpt + slope * x)) ** 2 for x, y in zip(xs, ys))
+    return {"slope": slope, "intercept": icpt, "r2": 1.0 - ss_res / ss_tot if ss_tot else 1.0}
+
+
+# --------------------------------------------------------------------------------------------- measure
+def measure(method, fixed, moving, loss_fn, kind) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    nbytes = training_memory(method, fixed, moving, loss_fn, kind=kind)
+    return nbytes, time.perf_counter() - t0
+
+
+def run_case(label: str, spatial: tuple[int, ...], steps: tuple[int, ...], device: torch.device, kind: str,
+             loss_fn, max_point_s: float, extras: bool) -> dict:
+    ndim = len(spatial)
+    fixed, moving = make_pair(spatial, device)
+    torch.manual_seed(0)
+    points: list[dict] = []
+
+    def record(series, T, method, extra=None):
+        method = method.to(device)
+        nbytes, secs = measure(method, fixed, moving, loss_fn, kind)
+        row = {"series": series, "T": T, "bytes": nbytes, "MiB": nbytes / MIB, "seconds": round(secs, 2)}
+        row.update(extra or {})
+        points.append(row)
+        print(f"  {label} {series:<14} T={T!s:<3} {nbytes / MIB:9.1f} MiB  ({secs:.1f} s)", flush=True)
+        return row
+
+    if device.type == "cuda":  # warm-up: cuDNN picks its algorithms, the allocator fills its caches
+        for name in ("voxelmorph", "unrolling"):
+            training_memory(build_method(name, ndim).to(device), fixed, moving, loss_fn, kind=kind)
+
+    vxm = record("voxelmorph", 1, build_method("voxelmorph", ndim))
+    per_step: dict[str, float] = {}  # seconds per solver/unrolled step, to predict the next point's time
+    for series, make in (("bptt", lambda T: build_method("unrolling", ndim, T=T)),
+                         ("deqreg", lambda T: build_method("deqreg", ndim, T=T, S=3, K=3, tau=0.5, tol=0.0))):
+        for T in steps:
+            est = per_step.get(series, 0.0) * T
+            if est > max_point_s:
+                points.append({"series": series, "T": T, "skipped": f"predicted {est:.0f} s > {max_point_s:.0f} s"})
+                print(f"  {label} {series:<14} T={T:<3} skipped (predicted {est:.0f} s)", flush=True)
+                continue
+            row = record(series, T, make(T))
+            per_step[series] = max(per_step.get(series, 0.0), row["seconds"] / (T + (12 if series == "deqreg" else 0)))
+    if extras:
+        T = 48 if 48 in steps else max(steps)
+        record("deqreg naive", T, NaiveDEQReg(ndim, T=T, S=3, K=3, tau=0.5, tol=0.0),
+               {"note": "Eq. 9 as one scalar: S + 1 = 4 phantom graphs alive together"})
+        for K in (1, 2):
+            record(f"deqreg K={K}", T, build_method("deqreg", ndim, T=T, S=3, K=K, tau=0.5, tol=0.0))
+
+    # summaries
+    def series_of(name):
+        return [p for p in points if p["series"] == name and "bytes" in p]
+
+    bptt, deq = series_of("bptt"), series_of("deqreg")
+    fit = linear_fit([p["T"] for p in bptt], [p["MiB"] for p in bptt]) if len(bptt) >= 2 else None
+    deq_mib = [p["MiB"] for p in deq]
+    spread = (max(deq_mib) - min(deq_mib)) / min(deq_mib) if deq_mib else None
+    ref_T = 48 if any(p["T"] == 48 for p in deq) else (max(p["T"] for p in deq) if deq else None)
+    deq_ref = next((p for p in deq if p["T"] == ref_T), None)
+    ratio = deq_ref["bytes"] / vxm["bytes"] if deq_ref else None
+    ratios = {p["series"] + f" T={p['T']}": p["bytes"] / vxm["bytes"] for p in points if "bytes" in p}
+    # BPTT's T with the same memory as DEQReg (from the fit)
+    bptt_equiv = ((deq_ref["MiB"] - fit["intercept"]) / fit["slope"]) if (fit and deq_ref and fit["slope"] > 0) else None
+    summary = {
+        "voxelmorph_MiB": vxm["MiB"],
+        "deqreg_ref_T": ref_T, "deqreg_ref_MiB": deq_ref["MiB"] if deq_ref else None,
+        "deqreg_over_voxelmorph": ratio,
+        "goal_ratio_le": GOAL_RATIO_ROUNDED, "goal_ratio_met": ratio is not None and ratio <= GOAL_RATIO_ROUNDED,
+        "deqreg_spread_over_T": spread, "deqreg_flat_within": FLAT_TOL,
+        "deqreg_flat": spread is not None and spread <= FLAT_TOL,
+        "bptt_fit_MiB": fit, "bptt_slope_MiB_per_step": fit["slope"] if fit else None,
+        "bptt_r2": fit["r2"] if fit else None, "bptt_linear": bool(fit and fit["r2"] >= 0.99),
+        "bptt_T_with_deqreg_memory": bptt_equiv, "ratios_to_voxelmorph": ratios,
+    }
+    return {"case": label, "shape": [1, 1, *spatial], "points": points, "summary": summary}
+
+
+# --------------------------------------------------------------------------------------------- output
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    unit = "saved-for-backward MiB (peak alive together)" if meta["memory_kind"] == "saved" else \
+        "MiB, torch.cuda.max_memory_allocated"
+    lines = [
+        "# Training memory vs steps T: BPTT (Unrolling) vs DEQReg, VoxelMorph as reference",
+        "",
+        f"{meta['date']}, torch {meta['torch']}, device {meta['device']}, {meta['threads']} thread(s); memory = {unit}; "
+        f"batch 1, loss 1 - LNCC + 1.0 diffusion. DEQReg: S = 3, K = 3, tau = 0.5, fixed-point solver with tol = 0 "
+        f"(all T steps run). Load average at the end: {meta['loadavg']}.",
+        "",
+        "Saved-for-backward bytes are the part of training memory that depends on T (and on K); they do not include "
+        "the model, its gradients, the optimizer or temporaries, so the ratios here are activation ratios. On CUDA "
+        "the paper's measure (max_memory_allocated) adds the same constant to every method.",
+        "",
+    ]
+    for case in result["cases"]:
+        s = case["summary"]
+        lines += [f"## {case['case']}", "", "| T | BPTT MiB | BPTT / VXM | DEQReg MiB | DEQReg / VXM |", "|---|---|---|---|---|"]
+        by = {(p["series"], p["T"]): p for p in case["points"]}
+        for T in result["meta"]["steps"]:
+            cells = []
+            for series in ("bptt", "deqreg"):
+                p = by.get((series, T))
+                if p is None:
+                    cells += ["", ""]
+                elif "skipped" in p:
+                    cells += [f"skipped ({p['skipped']})", ""]
+                else:
+                    cells += [f"{p['MiB']:.1f}", f"{p['bytes'] / (s['voxelmorph_MiB'] * MIB):.2f}x"]
+            lines.append(f"| {T} | " + " | ".join(cells) + " |")
+        extra = [p for p in case["points"] if p["series"].startswith("deqreg ") and "bytes" in p]
+        lines += ["", f"VoxelMorph: {s['voxelmorph_MiB']:.1f} MiB."]
+        for p in extra:
+            lines.append(f"{p['series']} (T = {p['T']}): {p['MiB']:.1f} MiB = "
+                         f"{p['bytes'] / (s['voxelmorph_MiB'] * MIB):.2f}x VoxelMorph.")
+        fit = s["bptt_fit_MiB"]
+        goal = "yes" if s["goal_ratio_met"] else "**no**"
+        lines += [
+            "",
+            f"* DEQReg (T = {s['deqreg_ref_T']}) / VoxelMorph = **{s['deqreg_over_voxelmorph']:.2f}x** "
+            f"(goal <= {GOAL_RATIO_ROUNDED}x, the paper's 6925 / 2645 MB = {GOAL_RATIO:.2f}x): {goal}.",
+            f"* DEQReg flat across T: spread (max - min) / min = {100 * s['deqreg_spread_over_T']:.2f}% "
+            f"(goal <= {100 * FLAT_TOL:.0f}%): {'yes' if s['deqreg_flat'] else '**no**'}.",
+        ]
+        if fit:
+            lines.append(f"* BPTT linear in T: {fit['slope']:.2f} MiB per step + {fit['intercept']:.1f} MiB, "
+                         f"R^2 = {fit['r2']:.5f}: {'yes' if s['bptt_linear'] else '**no**'}; DEQReg's memory equals "
+                         f"BPTT's at T = {s['bptt_T_with_deqreg_memory']:.1f}.")
+        lines.append("")
+    lines += ["![memory vs steps](memory_vs_steps.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as err:  # matplotlib missing: JSON and markdown still written
+        print(f"no plot ({err})")
+        return False
+    cases = result["cases"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 4.2), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        s = case["summary"]
+        for series, style, label in (("bptt", "o-", "BPTT (Unrolling)"), ("deqreg", "s-", "DEQReg (S=3, K=3)")):
+            pts = [p for p in case["points"] if p["series"] == series and "bytes" in p]
+            ax.plot([p["T"] for p in pts], [p["MiB"] for p in pts], style, label=label)
+            skipped = [p["T"] for p in case["points"] if p["series"] == series and "skipped" in p]
+            for T in skipped:
+                ax.axvline(T, color="grey", ls=":", lw=0.8)
+        ax.axhline(s["voxelmorph_MiB"], color="k", ls="--", lw=1, label="VoxelMorph")
+        ax.axhline(GOAL_RATIO_ROUNDED * s["voxelmorph_MiB"], color="tab:red", ls=":", lw=1,
+                   label=f"{GOAL_RATIO_ROUNDED}x VoxelMorph (paper's ratio)")
+        naive = [p for p in case["points"] if p["series"] == "deqreg naive" and "bytes" in p]
+        for p in naive:
+            ax.plot([p["T"]], [p["MiB"]], "x", color="tab:purple", ms=9, label="DEQReg naive (4 graphs alive)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(result["meta"]["steps"])
+        ax.set_xticklabels([str(t) for t in result["meta"]["steps"]])
+        ax.set_xlabel("training steps T")
+        ax.set_ylabel("MiB " + ("saved for backward (peak)" if result["meta"]["memory_kind"] == "saved"
+                                else "max allocated"))
+        ax.set_title(case["case"] + ", batch 1")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> dict:
+    here = Path(__file__).resolve().parent
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, T <= 8 (< 1 min)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on the CPU (default 1)")
+    ap.add_argument("--max-point-s", type=float, default=150.0,
+                    help="skip a point predicted to take longer than this (default 150 s)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (default benchmarks/results; with --quick a temporary folder)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kind = "cuda_peak" if device.type == "cuda" else "saved"
+    steps = QUICK_STEPS if args.quick else STEPS
+    cases = QUICK_CASES if args.quick else CASES
+    loss_fn = RegistrationLoss()
+    t_start = time.perf_counter()
+    results = []
+    with LoadMeter() as load:
+        for label, spatial in cases.items():
+            results.append(run_case(label, spatial, steps, device, kind, loss_fn, args.max_point_s, extras=True))
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+        "device": str(device), "memory_kind": kind, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(), "python": sys.version.split()[0], "quick": args.quick,
+        "steps": list(steps), "deqreg": {"S": 3, "K": 3, "tau": 0.5, "solver": "fixed_point", "tol": 0.0},
+        "paper": PAPER, "goal_ratio": GOAL_RATIO_ROUNDED, "background_load_cores": load.cores,
+        "loadavg": [round(v, 2) for v in load.loadavg] if load.loadavg else None,
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    result = {"meta": meta, "cases": results}
+    stem = "memory_vs_steps"
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "deqreg_lite_bench" if args.quick else here / "results"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    plot(result, args.out / f"{stem}.png")
+    for case in results:
+        s = case["summary"]
+        print(f"{case['case']}: DEQReg/VoxelMorph = {s['deqreg_over_voxelmorph']:.2f}x (goal <= {GOAL_RATIO_ROUNDED}: "
+              f"{s['goal_ratio_met']}), DEQReg spread {100 * s['deqreg_spread_over_T']:.2f}% (flat: {s['deqreg_flat']}),"
+              f" BPTT {s['bptt_slope_MiB_per_step']:.2f} MiB/step R^2 {s['bptt_r2']:.4f}")
+    print(f"wrote {args.out / stem}.{{json,md,png}} ({meta['total_seconds']} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
