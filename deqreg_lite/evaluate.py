@@ -28,7 +28,6 @@ import io
 import math
 import random
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .memory import SavedBytes
 from .metrics import dice, folding_percent, hd95, sd_log_jacobian, tre
 from .result import RegistrationResult
 
@@ -295,48 +295,6 @@ def _pair_id(sample: Mapping, index: int) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # training cost: memory and time of one training step
 # ---------------------------------------------------------------------------------------------------------------
-class _SavedTracker:
-    """Counts the bytes saved for backward that are alive together, de-duplicated by storage."""
-
-    def __init__(self) -> None:
-        self.count: dict = {}
-        self.nbytes: dict = {}
-        self.current = 0
-        self.peak = 0
-
-    def pack(self, t: Tensor) -> "_Packed":
-        storage = t.untyped_storage()
-        key = (t.device.type, t.device.index, storage.data_ptr())
-        if key in self.count:
-            self.count[key] += 1
-        else:
-            self.count[key] = 1
-            self.nbytes[key] = storage.nbytes()
-            self.current += self.nbytes[key]
-            self.peak = max(self.peak, self.current)
-        return _Packed(t.detach(), key, self)
-
-    @staticmethod
-    def unpack(p: "_Packed") -> Tensor:
-        return p.tensor
-
-    def release(self, key: tuple) -> None:
-        self.count[key] -= 1
-        if self.count[key] == 0:
-            del self.count[key]
-            self.current -= self.nbytes.pop(key)
-
-
-class _Packed:
-    """A saved tensor (detached, so that no reference cycle forms) that tells the tracker when it is freed."""
-
-    __slots__ = ("tensor", "key", "_finalizer", "__weakref__")
-
-    def __init__(self, tensor: Tensor, key: tuple, tracker: _SavedTracker) -> None:
-        self.tensor, self.key = tensor, key
-        self._finalizer = weakref.finalize(self, tracker.release, key)
-
-
 @contextlib.contextmanager
 def _isolated_rng():
     """Leave the global RNGs (torch, CUDA, NumPy, Python) as they were."""
@@ -407,10 +365,9 @@ def training_memory(method: nn.Module, fixed: Tensor, moving: Tensor, loss_fn: C
             method.training_step(fixed, moving, loss_fn)
             torch.cuda.synchronize(fixed.device)
             return int(torch.cuda.max_memory_allocated(fixed.device))
-        tracker = _SavedTracker()
-        with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        with SavedBytes() as saved:
             method.training_step(fixed, moving, loss_fn)
-        return int(tracker.peak)
+        return int(saved.peak)
 
 
 def training_cost(method: nn.Module, fixed: Tensor, moving: Tensor, loss_fn: Callable | None = None) -> dict:

@@ -53,7 +53,6 @@ if "google.colab" in sys.modules:
 
 # %%
 import math
-import weakref
 
 import ipywidgets as W
 import matplotlib.pyplot as plt
@@ -640,44 +639,7 @@ assert abs(at_kmax["rel_error"] - phantom_err[0.5][-1]) < 1e-12
 # The update map is a small conv net on a $2 \times 32 \times 32$ field, a toy version of a DEQReg update.
 
 # %%
-class SavedBytes:
-    """Count the bytes autograd saves for backward, once per storage: `total` ever saved, and `peak` alive at once."""
-
-    class _Box:
-        def __init__(self, t):
-            self.t = t
-
-    def __init__(self):
-        self.total = self.now = self.peak = 0
-        self._seen, self._alive = set(), {}
-
-    def _pack(self, t):
-        storage = t.untyped_storage()
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
-        if ptr not in self._seen:
-            self._seen.add(ptr)
-            self.total += nbytes
-        if self._alive.get(ptr, 0) == 0:
-            self.now += nbytes
-            self.peak = max(self.peak, self.now)
-        self._alive[ptr] = self._alive.get(ptr, 0) + 1
-        box = self._Box(t.detach())                   # never t itself (a cycle through its grad_fn)
-        weakref.finalize(box, self._release, ptr, nbytes)  # when autograd frees it, it is no longer alive
-        return box
-
-    def _release(self, ptr, nbytes):
-        self._alive[ptr] -= 1
-        if self._alive[ptr] == 0:
-            del self._alive[ptr]
-            self.now -= nbytes
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda box: box.t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
+from deqreg_lite.memory import SavedBytes  # the hooks described above, in 60 lines: read its source
 
 
 class ConvUpdate(nn.Module):

@@ -1,11 +1,11 @@
 """The DEQ layer: IFT and phantom gradients against closed forms and torchdeq, memory, states, GraDIRN-style maps."""
 import math
-import weakref
 
 import pytest
 import torch
 from torch import nn
 
+from deqreg_lite.memory import SavedBytes
 from deqreg_lite.deq import DEQ, DEQInfo, LazyState, correction_backward, correction_loss, phantom, state_steps
 from deqreg_lite.losses import Objective
 from deqreg_lite.solvers import SolverDivergedError, fixed_point, solve
@@ -191,49 +191,6 @@ def test_correction_loss_is_eq_9():
 
 
 # ------------------------------------------------------------------------------------------------- memory
-class SavedBytes:
-    """Bytes saved for backward (saved_tensors_hooks), de-duplicated by storage: all ever saved, and the peak alive.
-
-    Unpacking gives a detached tensor: fine for one backward, not for double backward through the counted graph.
-    """
-
-    class _Box:
-        def __init__(self, t):
-            self.t = t
-
-    def __init__(self):
-        self.total = self.now = self.peak = 0
-        self._seen, self._alive = set(), {}
-
-    def _pack(self, t):
-        storage = t.untyped_storage()
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
-        if ptr not in self._seen:
-            self._seen.add(ptr)
-            self.total += nbytes
-        if self._alive.get(ptr, 0) == 0:
-            self.now += nbytes
-            self.peak = max(self.peak, self.now)
-        self._alive[ptr] = self._alive.get(ptr, 0) + 1
-        box = self._Box(t.detach())  # holding t itself would make a cycle through its grad_fn (never freed)
-        weakref.finalize(box, self._release, ptr, nbytes)
-        return box
-
-    def _release(self, ptr, nbytes):
-        self._alive[ptr] -= 1
-        if self._alive[ptr] == 0:
-            del self._alive[ptr]
-            self.now -= nbytes
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda box: box.t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-
 class ConvMap(nn.Module):
     """A small convolutional update z -> z + net(z, image), damped to a contraction."""
 
