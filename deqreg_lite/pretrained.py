@@ -151,7 +151,8 @@ class HalfResolution(nn.Module):
         """The working size for an input of size ``spatial``."""
         return tuple(max(2, int(s) // self.factor) for s in spatial)
 
-    def _down(self, fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
+    def downsample(self, fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
+        """The images as the wrapped method sees them: ``(B, 1, *spatial)`` -> ``(B, 1, *internal_size)``."""
         if fixed.dim() < 4 or fixed.shape != moving.shape:
             raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must be (B, 1, *spatial) "
                              "images of the same shape")
@@ -164,7 +165,7 @@ class HalfResolution(nn.Module):
         back at the input size."""
         t0 = time.perf_counter()
         spatial = tuple(fixed.shape[2:])
-        f, m = self._down(fixed, moving)
+        f, m = self.downsample(fixed, moving)
         res = self.method(f, m, steps=steps, return_states=return_states)
         info = dict(res.info)
         info["internal_size"] = tuple(f.shape[2:])
@@ -176,7 +177,7 @@ class HalfResolution(nn.Module):
 
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: Callable, backward=Tensor.backward) -> dict:
         """The wrapped method's training step on the downsampled pair (``loss_fn`` sees the working size)."""
-        f, m = self._down(fixed, moving)
+        f, m = self.downsample(fixed, moving)
         return self.method.training_step(f, m, loss_fn, backward)
 
 
