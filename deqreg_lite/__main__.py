@@ -24,7 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     sample = load_sample(args.sample)
     iterations = args.iterations or by_mode(quick=60, default=150)
-    print(f"deqreg_lite demo: classical registration of the shipped '{args.sample}' pair "
+    print(f"deqreg_lite demo: registration of the shipped '{args.sample}' pair "
           f"{tuple(sample['fixed'].shape[2:])}, {sample['ids'][1]} -> {sample['ids'][0]}")
     print(f"  optimizer={args.optimizer} lam={args.lam} iterations={iterations} levels={args.levels}")
     zero = torch.zeros(1, sample["fixed"].dim() - 2, *sample["fixed"].shape[2:])
@@ -33,6 +33,17 @@ def _demo(args: argparse.Namespace) -> int:
     result = register(sample["fixed"], sample["moving"], lam=args.lam, iterations=iterations,
                       optimizer=args.optimizer, lr=args.lr, levels=args.levels, progress=not args.no_progress)
     rows["classical GD"] = {**pair_metrics(sample, result.disp), "time_s": time.perf_counter() - t0}
+    learned = [] if args.sample != "brain2d" else [m for m in args.methods.split(",") if m]
+    if learned:
+        from .pretrained import load_pretrained
+
+        print(f"  learned methods (pretrained, 80x96 internally): {', '.join(learned)}")
+    for name in learned:
+        model = load_pretrained(name)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model(sample["fixed"], sample["moving"])
+        rows[name] = {**pair_metrics(sample, out.disp), "time_s": time.perf_counter() - t0}
     names = sample.get("label_names", {})
     cols = ["dice"] + [f"dice_{l}" for l in sample["labels"]] + ["hd95", "folding_pct", "sdlogj", "time_s"]
     headers = {"dice": "Dice", "hd95": "HD95 mm", "folding_pct": "fold %", "sdlogj": "SDlogJ",
@@ -62,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=None, help="step size (default: the optimizer's default)")
     demo.add_argument("--iterations", type=int, default=None, help="per resolution level; default 150, or 60 in quick mode")
     demo.add_argument("--levels", type=int, default=2, help="resolution levels")
+    demo.add_argument("--methods", default="voxelmorph,unrolling,gradirn,riir,deqreg12,deqreg",
+                      help="pretrained learned methods to add to the table (comma-separated; '' for none)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="outputs/demo.png", help="where to save the figure")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
