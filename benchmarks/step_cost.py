@@ -87,10 +87,12 @@ class LoadMeter:
 def trained_deqreg_state(warm_iters: int, device: torch.device) -> tuple[dict, str]:
     """``(state_dict, how)``: the weights of a trained 2D DEQReg (see the module docstring for the order)."""
     try:
-        from deqreg_lite.pretrained import load_pretrained  # may not exist yet
-        method = load_pretrained("deqreg")
-        if getattr(method, "ndim", 2) == 2:
-            return method.state_dict(), "deqreg_lite.pretrained.load_pretrained('deqreg')"
+        from deqreg_lite.pretrained import load_pretrained
+
+        method = getattr(load_pretrained("deqreg"), "method", None)  # unwrap HalfResolution: the bare DEQReg
+        if method is not None and getattr(method, "ndim", 2) == 2:
+            return method.state_dict(), ("deqreg_lite.pretrained.load_pretrained('deqreg') (trained at 80x96, "
+                                         "timed here at the sizes below)")
     except Exception as err:  # module missing, or no weights
         print(f"no pretrained DEQReg ({type(err).__name__}: {err})")
     root = Path(__file__).resolve().parents[1] / "data" / "checkpoints"
