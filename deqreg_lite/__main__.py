@@ -1,4 +1,11 @@
-"""Command line: ``python -m deqreg_lite demo`` (more commands arrive with the learned methods)."""
+"""Command line: ``python -m deqreg_lite demo | train | evaluate``.
+
+* ``demo``: register the shipped 2D brain pair (classical and pretrained methods) and print a metrics table.
+* ``train``: train a learned method with the paper's settings per dataset (:data:`PRESETS`), checkpoints in
+  ``--out`` (``last.pt``, ``best.pt``, ``log.jsonl``, ``run.json``), ``--resume`` from ``OUT/last.pt``; ends with a
+  Table 1 row on the validation pairs. Runs data-parallel under ``torchrun`` (:mod:`deqreg_lite.distributed`).
+* ``evaluate``: a checkpoint on a dataset's evaluation pairs, printed (and saved) as a markdown Table 1.
+"""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +70,251 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# train / evaluate
+# ---------------------------------------------------------------------------------------------------------------
+#: Per-dataset defaults of ``train`` and ``evaluate`` (every entry can be overridden on the command line).
+#: oasis / nlst follow the paper (section 3): 128^3 and 224x192x224 volumes, AdamW lr 1e-4, 100 epochs, batch 1.
+#: lambda is in deqreg_lite's units (displacements in voxels, diffusion = mean squared forward difference):
+#: 1.0 for OASIS, not the paper's 0.1, because 0.1 in voxel units let models collapse (25-28% folding; see
+#: shared/lessons.md and methods/loss.py); 1.25 for NLST keeps the paper's NLST/OASIS ratio (0.125 / 0.1).
+#: ``sample`` = generated 2D pairs around the shipped brain slices (PairDataset), for CPU smoke runs; its lr 1e-3
+#: and iteration count follow the pretrained 2D models (deqreg_lite.pretrained).
+PRESETS: dict[str, dict] = {
+    "oasis": {"ndim": 3, "size": (128, 128, 128), "epochs": 100, "iterations": None, "batch_size": 1, "lr": 1e-4,
+              "lam": 1.0, "val_pairs": None, "eval_split": "val"},
+    "nlst": {"ndim": 3, "size": (224, 192, 224), "epochs": 100, "iterations": None, "batch_size": 1, "lr": 1e-4,
+             "lam": 1.25, "val_pairs": None, "eval_split": "val"},
+    "sample": {"ndim": 2, "size": (80, 96), "epochs": None, "iterations": 1500, "batch_size": 1, "lr": 1e-3,
+               "lam": 1.0, "val_pairs": 9, "eval_split": "test", "train_pairs": 1000},
+}
+DATASET_DIRS = {"oasis": "OASIS", "nlst": "NLST"}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``error: ...`` without a traceback, exit code 2."""
+
+
+def _data_root(dataset: str, data_dir: str | None) -> Path:
+    from .config import data_dir as default_data_dir
+
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir() / DATASET_DIRS[dataset]
+    if not root.is_dir():
+        raise CLIError(f"the {dataset} data folder {root} does not exist: download the dataset (see "
+                       f"shared/datasets.md) and pass --data-dir, or set DEQREG_DATA_DIR (default "
+                       f"{default_data_dir() / DATASET_DIRS[dataset]})")
+    return root
+
+
+def _dataset(args: argparse.Namespace, split: str, n: int | None = None):
+    """The ``split`` pairs of ``args.dataset`` at ``args.size`` (loaders are imported lazily)."""
+    size = tuple(args.size)
+    if args.dataset == "sample":
+        from .datasets import brain_pairs
+
+        if split == "train":
+            return brain_pairs("train", n or PRESETS["sample"]["train_pairs"], size, kinds=("brain", "inter"),
+                               seed=args.seed)
+        return brain_pairs(split, n or PRESETS["sample"]["val_pairs"], size)
+    root = _data_root(args.dataset, args.data_dir)
+    try:
+        if args.dataset == "oasis":
+            from .datasets.oasis import OASIS
+
+            kw = {"layout": args.layout} if getattr(args, "layout", None) else {}
+            data = OASIS(root, ndim=3, size=size, split=split, **kw)
+        else:
+            from .datasets.nlst import NLST
+
+            data = NLST(root, split=split, size=size)
+    except ImportError as e:
+        raise CLIError(f"the {args.dataset} loader is not available ({e})") from e
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        raise CLIError(f"cannot load {args.dataset} from {root}: {e}") from e
+    if n is not None and n < len(data):
+        import torch.utils.data
+
+        data = torch.utils.data.Subset(data, range(n))
+    return data
+
+
+def _method_kwargs(name: str, args: argparse.Namespace) -> dict:
+    import inspect
+
+    from .methods import METHODS
+
+    valid = inspect.signature(METHODS[name].__init__).parameters
+    given = {"T": args.T, "S": args.S, "gamma": args.gamma}
+    return {k: v for k, v in given.items() if v is not None and k in valid}
+
+
+def _fill_defaults(args: argparse.Namespace) -> dict:
+    preset = PRESETS[args.dataset]
+    if args.size is None:
+        args.size = list(preset["size"])
+    if len(args.size) != preset["ndim"]:
+        raise CLIError(f"--size needs {preset['ndim']} numbers for {args.dataset}, got {args.size}")
+    return preset
+
+
+def _eval_table_text(tables: dict, reference: str) -> str:
+    from .evaluate import table1
+
+    return table1(tables, reference=reference)
+
+
+def _evaluate_tables(method, pairs, steps, memory: bool, loss_fn=None) -> dict:
+    from .evaluate import evaluate, identity_method
+
+    t = evaluate(method, pairs, steps=steps, memory=memory, loss_fn=loss_fn)
+    return {method.name: t, "identity": evaluate(identity_method, pairs, memory=False)}
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    from . import distributed as D
+    from .config import seed_everything
+    from .methods import RegistrationLoss, build_method
+
+    info = D.init_from_env()
+    main_rank = D.is_main()
+    say = print if main_rank else (lambda *a, **k: None)
+    try:
+        preset = _fill_defaults(args)
+        out = Path(args.out or f"runs/{args.dataset}-{args.method}")
+        last = out / "last.pt"
+        if args.resume and not last.is_file():
+            raise CLIError(f"--resume: no checkpoint at {last}")
+        train_data = _dataset(args, "train")
+        val_n = args.val_pairs if args.val_pairs is not None else preset["val_pairs"]
+        val_data = None if val_n == 0 else _dataset(args, preset["eval_split"] if args.dataset == "sample" else
+                                                     "val", val_n)
+        batch_size = args.batch_size or preset["batch_size"]
+        per_epoch = max(1, math.ceil(len(train_data) / batch_size))
+        if args.iterations is not None:
+            iterations = args.iterations
+        elif args.epochs is not None:
+            iterations = args.epochs * per_epoch
+        elif preset["iterations"] is not None:
+            iterations = preset["iterations"]
+        else:
+            iterations = preset["epochs"] * per_epoch
+        val_every = args.val_every if args.val_every is not None else (
+            250 if args.dataset == "sample" else per_epoch)
+        lam = args.lam if args.lam is not None else preset["lam"]
+        lr = args.lr if args.lr is not None else preset["lr"]
+        kwargs = _method_kwargs(args.method, args)
+        seed_everything(args.seed)
+        method = build_method(args.method, preset["ndim"], **kwargs)
+        loss_fn = RegistrationLoss(lam=lam)
+        device = info["device"] if info["device"] is not None else args.device
+        trainer = D.DistributedTrainer(
+            method, loss_fn, train_data, val_data, lr=lr, batch_size=batch_size, iterations=iterations,
+            val_every=val_every, val_steps=args.steps, checkpoint_dir=out,
+            checkpoint_every=args.checkpoint_every if args.checkpoint_every is not None else (val_every or None),
+            log_every=args.log_every, seed=args.seed, device=device, amp=args.amp, grad_clip=args.grad_clip,
+            progress=not args.no_progress, log_path=out / "log.jsonl")
+        if args.resume:
+            trainer.resume(last)
+            if trainer.iteration > iterations:
+                raise CLIError(f"--resume: the checkpoint is at iteration {trainer.iteration}, beyond --iterations "
+                               f"{iterations}")
+    except CLIError as e:
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
+        D.cleanup()
+        return 2
+    run = {"dataset": args.dataset, "method": args.method, "method_kwargs": kwargs, "size": list(args.size),
+           "data_dir": args.data_dir, "layout": getattr(args, "layout", None), "lam": lam, "lr": lr,
+           "batch_size": batch_size, "iterations": iterations, "seed": args.seed, "amp": args.amp,
+           "world_size": D.world_size(), "val_pairs": val_n}
+    say(f"deqreg_lite train: {args.method} {kwargs} on {args.dataset} {tuple(args.size)}, {len(train_data)} training "
+        f"pairs, batch {batch_size} x {iterations} iterations ({iterations / per_epoch:.2f} epochs), AdamW lr {lr:g}, "
+        f"lambda {lam:g} (voxel units), {D.world_size()} process(es) on {trainer.device}"
+        + (f"; resumed at iteration {trainer.iteration}" if args.resume else ""))
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    t0 = time.perf_counter()
+    trainer.fit()
+    say(f"trained to iteration {trainer.iteration} in {time.perf_counter() - t0:.1f} s; checkpoint {last}, "
+        f"log {out / 'log.jsonl'}")
+    if main_rank and val_data is not None and not args.no_eval:
+        tables = _evaluate_tables(trainer.method, val_data, args.steps, memory=True, loss_fn=loss_fn)
+        text = _eval_table_text(tables, args.method)
+        (out / "table.md").write_text(text + "\n")
+        print()
+        print(text)
+    D.cleanup()
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .methods import RegistrationLoss
+    from .train import load_method
+
+    try:
+        ckpt = Path(args.checkpoint)
+        if ckpt.is_dir():
+            ckpt = ckpt / "last.pt"
+        if not ckpt.is_file():
+            raise CLIError(f"no checkpoint at {ckpt}")
+        run_file = ckpt.parent / "run.json"
+        run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+        args.dataset = args.dataset or run.get("dataset")
+        if args.dataset is None:
+            raise CLIError(f"--dataset is needed ({run_file} not found)")
+        if args.size is None and run.get("dataset") == args.dataset:
+            args.size = run.get("size")
+        if args.data_dir is None and run.get("dataset") == args.dataset:
+            args.data_dir = run.get("data_dir")
+        if getattr(args, "layout", None) is None and run.get("dataset") == args.dataset:
+            args.layout = run.get("layout")
+        args.seed = 0
+        preset = _fill_defaults(args)
+        try:
+            method = load_method(ckpt, args.device)
+        except (ValueError, FileNotFoundError) as e:
+            raise CLIError(str(e)) from e
+        if method.ndim != preset["ndim"]:
+            raise CLIError(f"the checkpoint holds a {method.ndim}D {method.name}, {args.dataset} is "
+                           f"{preset['ndim']}D")
+        split = args.split or preset["eval_split"]
+        pairs = _dataset(args, split, args.pairs if args.pairs is not None else preset["val_pairs"])
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"deqreg_lite evaluate: {method.name} from {ckpt} on {args.dataset} {split} ({len(pairs)} pairs, "
+          f"{tuple(args.size)}), steps={args.steps or method.trained_steps}")
+    lam = run.get("lam", PRESETS[args.dataset]["lam"])
+    tables = _evaluate_tables(method, pairs, args.steps, memory=not args.no_memory, loss_fn=RegistrationLoss(lam))
+    text = _eval_table_text(tables, method.name)
+    print()
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"table saved to {out}")
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--dataset", choices=sorted(PRESETS), required=required, default=None,
+                   help="oasis (3D, 128^3), nlst (3D, 224x192x224) or sample (the shipped 2D brains, for CPU runs)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder (default: $DEQREG_DATA_DIR/OASIS or /NLST, i.e. ~/.deqreg_lite/data/...)")
+    p.add_argument("--layout", default=None, help="OASIS folder layout (passed to the OASIS loader)")
+    p.add_argument("--size", type=int, nargs="+", default=None,
+                   help="image size (2 numbers for sample, 3 for oasis/nlst; default per dataset: PRESETS)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the method's trained count)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deqreg_lite", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +331,45 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs/demo.png", help="where to save the figure")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=_demo)
+
+    from .methods import METHODS
+
+    train = sub.add_parser("train", help="train a learned method (paper settings per dataset; torchrun for DDP)",
+                           description="Train a learned method. Defaults per dataset: PRESETS in "
+                                       "deqreg_lite/__main__.py.")
+    _add_data_args(train, required=True)
+    train.add_argument("--method", required=True, choices=sorted(METHODS))
+    its = train.add_mutually_exclusive_group()
+    its.add_argument("--iterations", type=int, default=None, help="total iterations (optimizer steps)")
+    its.add_argument("--epochs", type=int, default=None, help="epochs over the training pairs (paper: 100)")
+    train.add_argument("--batch-size", type=int, default=None, help="global batch (split across torchrun ranks)")
+    train.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper: 1e-4)")
+    train.add_argument("--lam", type=float, default=None, help="diffusion weight in voxel units (default per dataset)")
+    train.add_argument("--T", type=int, default=None, help="iterations (deqreg: 48, deqreg12: 12; unrolling, riir)")
+    train.add_argument("--S", type=int, default=None, help="DEQReg phantom-gradient steps (deqreg: 3)")
+    train.add_argument("--gamma", type=float, default=None, help="DEQReg damping (0.5)")
+    train.add_argument("--out", default=None, help="run folder (default runs/DATASET-METHOD)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    train.add_argument("--grad-clip", type=float, default=None)
+    train.add_argument("--val-every", type=int, default=None,
+                       help="validate every N iterations (default: each epoch; 250 for sample; 0: only at the end)")
+    train.add_argument("--val-pairs", type=int, default=None, help="validation pairs (default: all; 9 for sample)")
+    train.add_argument("--checkpoint-every", type=int, default=None, help="default: --val-every")
+    train.add_argument("--log-every", type=int, default=10)
+    train.add_argument("--no-eval", action="store_true", help="skip the final Table 1 row")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint and print a Table 1 (markdown)")
+    ev.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder holding last.pt")
+    _add_data_args(ev, required=False)
+    ev.add_argument("--split", default=None, help="default: val (oasis, nlst), test (sample)")
+    ev.add_argument("--pairs", type=int, default=None, help="number of pairs (default: all; 9 for sample)")
+    ev.add_argument("--no-memory", action="store_true", help="skip the training-step memory/time measurement")
+    ev.add_argument("--out", default=None, help="also write the table to this markdown file")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 

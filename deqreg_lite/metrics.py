@@ -14,7 +14,6 @@ from scipy import ndimage
 from torch import Tensor
 
 from ._checks import check_disp, check_options
-from .warp import warp
 
 __all__ = ["dice", "hd95", "jacobian_det", "folding_percent", "sd_log_jacobian", "tre", "sample_disp"]
 

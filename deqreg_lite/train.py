@@ -488,6 +488,7 @@ class Trainer:
                             f"{stats!r}")
         stats = {k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in stats.items()
                  if isinstance(v, (numbers.Real, Tensor))}
+        stats = self._after_backward(stats)
         if not math.isfinite(stats["loss"]):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDivergedError(
@@ -505,6 +506,11 @@ class Trainer:
             if self.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
             self.optimizer.step()
+        return stats
+
+    def _after_backward(self, stats: dict) -> dict:
+        """Called between ``training_step`` (gradients are in ``.grad``) and the optimizer step; returns the
+        stats to log. A no-op here; data-parallel training averages gradients and stats across processes."""
         return stats
 
     def _flush_window(self) -> None:
