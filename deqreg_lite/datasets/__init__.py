@@ -27,6 +27,7 @@ from .synthetic import (
     smooth_noise,
     synthetic_pair,
 )
+from .download import SOURCES, ChecksumError, DownloadError, Source, UnsafeArchiveError, download, safe_extract
 
 __all__ = [
     "SAMPLES", "available_samples", "load_sample", "sample_path",
@@ -34,4 +35,5 @@ __all__ = [
     "random_intensities", "random_intensity_change", "random_label_map", "random_velocity", "smooth_noise",
     "synthetic_pair",
     "PairDataset", "brain_pairs", "collate", "item_seed", "SEED_RANGES", "PAIR_KINDS", "PAIR_KEYS",
+    "download", "SOURCES", "Source", "DownloadError", "ChecksumError", "UnsafeArchiveError", "safe_extract",
 ]
