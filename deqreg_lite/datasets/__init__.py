@@ -27,6 +27,8 @@ from .synthetic import (
     smooth_noise,
     synthetic_pair,
 )
+from .nlst import NLST, normalise_nlst_name, read_keypoints
+from .oasis import LABEL_PRESETS, OASIS, neurite_split_sizes
 from .download import SOURCES, ChecksumError, DownloadError, Source, UnsafeArchiveError, download, safe_extract
 
 __all__ = [
@@ -36,4 +38,5 @@ __all__ = [
     "synthetic_pair",
     "PairDataset", "brain_pairs", "collate", "item_seed", "SEED_RANGES", "PAIR_KINDS", "PAIR_KEYS",
     "download", "SOURCES", "Source", "DownloadError", "ChecksumError", "UnsafeArchiveError", "safe_extract",
+    "OASIS", "LABEL_PRESETS", "neurite_split_sizes", "NLST", "read_keypoints", "normalise_nlst_name",
 ]
