@@ -421,8 +421,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / "brain2d.npz", **s2)
     np.savez_compressed(args.out / "brain3d.npz", **s3)
-    (args.out / "LICENSES.md").write_text(licenses_text(nl[NILEARN_LICENSE].decode(), dp[DIPY_LICENSE].decode()),
-                                          encoding="utf-8")
+    lic = args.out / "LICENSES.md"
+    text = licenses_text(nl[NILEARN_LICENSE].decode(), dp[DIPY_LICENSE].decode())
+    other = "<!-- lung3d: begin"  # the section that data/build_lung_sample.py maintains: keep it
+    if lic.is_file() and other in lic.read_text(encoding="utf-8"):
+        text = text.rstrip("\n") + "\n\n" + other + lic.read_text(encoding="utf-8").split(other, 1)[1]
+    lic.write_text(text, encoding="utf-8")
     if args.preview is not None:
         preview(s2, s3, args.preview)
         print(f"preview: {args.preview}")

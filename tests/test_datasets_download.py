@@ -340,7 +340,7 @@ def test_registry_entry_with_url_and_sha256_overrides(server, tarball, tmp_path,
         download("oasis2d", **FAST)
     # ...sha256= overrides the registry's digest, and the default dest is data_dir() / name
     dest = download("oasis2d", sha256=_sha(tarball), **FAST)
-    assert dest == tmp_path / "data" / "oasis2d"
+    assert dest == tmp_path / "data" / "neurite-oasis"  # the loaders' default root
     _assert_extracted(dest)
     # url= overrides the address (the registry's size and digest do not apply to another file)
     mirror = server.add("mirror/copy.tar", tarball)

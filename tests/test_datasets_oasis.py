@@ -148,3 +148,9 @@ def test_bad_options(l2r):
         OASIS(l2r, labels="nope")
     with pytest.raises(ValueError, match="size"):
         OASIS(l2r, size=(4, 4))
+
+
+def test_root_may_be_the_folder_above_an_archives_top_folder(tmp_path):
+    make_l2r_oasis(tmp_path / "download" / "OASIS")
+    ds = OASIS(tmp_path / "download", split="val", size=None)
+    assert ds.root == tmp_path / "download" / "OASIS" and len(ds) == 2

@@ -40,6 +40,14 @@ def load_array(path: Path, ndim: int | None = None) -> np.ndarray:
     return arr
 
 
+def find_root(root: Path, marker: str) -> Path:
+    """``root`` if it holds ``marker``, else its one sub-folder that does (an archive's top folder), else ``root``."""
+    if (root / marker).exists() or not root.is_dir():
+        return root
+    inner = [d for d in root.iterdir() if d.is_dir() and (d / marker).exists()]
+    return inner[0] if len(inner) == 1 else root
+
+
 def missing_root_error(dataset: str, root: Path, expected: str, source: str, subdir: str) -> FileNotFoundError:
     """A ``FileNotFoundError`` that says where the data comes from and how to point the loader at it."""
     return FileNotFoundError(

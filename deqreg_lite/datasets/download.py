@@ -3,7 +3,7 @@
 Only the standard library (:mod:`urllib`) and :mod:`tqdm` are used::
 
     from deqreg_lite.datasets import download
-    root = download("oasis2d")                       # -> data_dir() / "oasis2d"
+    root = download("oasis2d")                       # -> data_dir() / "neurite-oasis"
     root = download("nlst", "/data/nlst", sha256="<hex digest you trust>")
 
 What :func:`download` does, in order:
@@ -76,6 +76,11 @@ class Source:
     description: str = ""
     url_verified: bool = True   # False: an address believed right but not checked by us; override with url=
 
+
+#: Default folder under ``data_dir()`` per source: the folder that the loaders read by default
+#: (``OASIS(layout="neurite")`` reads ``neurite-oasis``, ``NLST`` reads ``NLST``; an archive's single top folder
+#: inside it is found by the loaders).
+DEFAULT_FOLDERS = {"oasis2d": "neurite-oasis", "oasis3d": "neurite-oasis", "nlst": "NLST"}
 
 SOURCES: dict[str, Source] = {
     # neurite-oasis v1.0 (HyperMorph / VoxelMorph tutorials), hosted by the Martinos Center (MGH / MIT).
@@ -313,7 +318,8 @@ def download(name: str, dest: str | os.PathLike | None = None, *, url: str | Non
 
     Args:
         name: ``"oasis2d"``, ``"oasis3d"`` or ``"nlst"``; any other name works when ``url`` is given.
-        dest: destination folder; defaults to ``data_dir() / name`` (``DEQREG_DATA_DIR``).
+        dest: destination folder; defaults to ``data_dir() / DEFAULT_FOLDERS[name]`` (``DEQREG_DATA_DIR``), the
+            loaders' default root (``data_dir() / name`` for other names).
         url: override the registry's address (a mirror, or a moved file).
         sha256: expected hex SHA-256, overriding the registry (which holds ``None`` where unknown).
         size: expected size in bytes, overriding the registry. When given (or known) it is always checked.
@@ -347,7 +353,7 @@ def download(name: str, dest: str | os.PathLike | None = None, *, url: str | Non
     same_file = url is None or url == src.url
     want_sha = sha256 if sha256 is not None else (src.sha256 if same_file else None)
     want_size = size if size is not None else (src.size if same_file else None)
-    dest = Path(dest).expanduser() if dest is not None else data_dir() / name
+    dest = Path(dest).expanduser() if dest is not None else data_dir() / DEFAULT_FOLDERS.get(name, name)
     marker = dest / MARKER
     if marker.exists() and not force:
         log.info("%s already downloaded into %s (pass force=True to redo)", name, dest)

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from .._checks import check_options
 from ..config import data_dir
-from ._nifti import (check_files, check_shapes, load_array, missing_root_error, normalise_size, read_json,
+from ._nifti import (check_files, find_root, check_shapes, load_array, missing_root_error, normalise_size, read_json,
                      resize_image, resize_label, scale_factors, scaled_spacing)
 
 __all__ = ["NLST", "read_keypoints", "normalise_nlst_name"]
@@ -101,7 +101,8 @@ class NLST(Dataset):
             raise ValueError(f"hu_window must be (low, high) with high > low, got {hu_window}")
         self.split, self.hu_window, self.size = split, (lo, hi), normalise_size(size, 3)
         self.stored_spacing = (float(spacing),) * 3
-        self.root = Path(root).expanduser() if root is not None else data_dir() / "NLST"
+        self.root = find_root(Path(root).expanduser() if root is not None else data_dir() / "NLST",
+                              "NLST_dataset.json")
         js = self.root / "NLST_dataset.json"
         if not js.is_file():
             raise missing_root_error("NLST", self.root, "NLST_dataset.json", NLST_SOURCE, "NLST")

@@ -44,7 +44,7 @@ from torch.utils.data import Dataset
 
 from .._checks import check_options
 from ..config import data_dir
-from ._nifti import (check_files, check_shapes, load_array, missing_root_error, normalise_size, read_json,
+from ._nifti import (check_files, find_root, check_shapes, load_array, missing_root_error, normalise_size, read_json,
                      resize_image, resize_label, scaled_spacing)
 
 __all__ = ["OASIS", "LABEL_PRESETS", "neurite_split_sizes"]
@@ -146,7 +146,8 @@ class OASIS(Dataset):
         self.stored_spacing = (float(spacing),) * ndim
         self.skipped: list[str] = []
         sub = "OASIS" if layout == "l2r" else "neurite-oasis"
-        self.root = Path(root).expanduser() if root is not None else data_dir() / sub
+        self.root = find_root(Path(root).expanduser() if root is not None else data_dir() / sub,
+                              "OASIS_dataset.json" if layout == "l2r" else "subjects.txt")
         if layout == "l2r":
             self._init_l2r(pairs, n_pairs, seed)
         else:

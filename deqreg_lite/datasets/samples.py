@@ -14,7 +14,20 @@
     (a mild gamma and bias field). So ``true_disp`` maps the *moving* grid into the fixed image; a registration
     ``u`` (``warp(moving, u) ~ fixed``) is its inverse, and ``compose(u, true_disp)`` is ``u``'s error.
 
-Licences: see ``data/samples/LICENSES.md`` (BSD-3 for nilearn and dipy, and the McGill notice for the template).
+``lung3d``
+    A chest CT (pyradiomics 3.0.1's ``lung2_image.nrrd``) at 96^3, 3 mm isotropic (axis 0 superior -> inferior,
+    axis 1 anterior -> posterior, axis 2 patient right -> left), HU clipped to [-1000, 500] and scaled to [0, 1],
+    with a thresholded lung mask (``fixed_seg`` = ``fixed_mask``, label 1), and a synthetic *exhale* of it:
+    ``true_disp`` is ``integrate_velocity`` of a smooth velocity stored on a 24^3 grid (diaphragm motion up to
+    15 mm, chest wall, small random part), computed at load time by :func:`lung_disp_from_velocity`;
+    ``moving = warp(fixed, true_disp)`` and ``moving_seg = warp(fixed_seg, true_disp, mode="nearest")`` are computed
+    at load time too (to keep the file small). ``fixed_kp``/``moving_kp`` (200 points, also shipped as NLST-style
+    CSVs in ``data/samples/lung3d_keypoints``) are exact correspondences: ``moving_kp + true_disp(moving_kp) ==
+    fixed_kp`` to 1e-5 voxels, so the exact registration (the inverse of ``true_disp``, not stored) has TRE ~ 0.
+    Rebuild with ``python data/build_lung_sample.py``.
+
+Licences: see ``data/samples/LICENSES.md`` (BSD-3 for nilearn and dipy, and the McGill notice for the template;
+BSD-3 for pyradiomics).
 """
 from __future__ import annotations
 
@@ -26,13 +39,18 @@ from torch import Tensor
 
 from ..config import samples_dir
 
-__all__ = ["SAMPLES", "available_samples", "load_sample", "sample_path"]
+__all__ = ["SAMPLES", "available_samples", "load_sample", "sample_path", "lung_disp_from_velocity"]
 
 #: name -> (file name, one-line description)
 SAMPLES: dict[str, tuple[str, str]] = {
     "brain2d": ("brain2d.npz", "2D inter-subject T1 pair, MNI152 2009a slice vs dipy slice, 160x192, tissue labels"),
     "brain3d": ("brain3d.npz", "3D MNI152 2009a at 96^3 (2 mm) and a known random diffeomorphic warp of it"),
+    "lung3d": ("lung3d.npz", "3D chest CT (pyradiomics lung2) at 96^3 (3 mm), lung mask, a known synthetic exhale and "
+                             "200 exact keypoint pairs"),
 }
+_REBUILD_LUNG = "python data/build_lung_sample.py"
+#: integration steps of the lung sample's velocity (scaling and squaring)
+LUNG_STEPS = 7
 
 _REBUILD = "python data/build_samples.py"
 
@@ -51,6 +69,15 @@ def sample_path(name: str) -> Path:
     if not isinstance(name, str) or name not in SAMPLES:
         raise ValueError(f"unknown sample {name!r}; available samples: {sorted(SAMPLES)}")
     return samples_dir() / SAMPLES[name][0]
+
+
+def lung_disp_from_velocity(velocity: Tensor, shape: tuple[int, ...], steps: int = LUNG_STEPS) -> Tensor:
+    """The ``lung3d`` sample's ``true_disp``: the coarse stationary velocity ``(1, 3, *coarse)`` (in voxels of the
+    fine grid) upsampled trilinearly (corners aligned) to ``shape`` and integrated by scaling and squaring."""
+    from ..warp import integrate_velocity
+
+    v = torch.nn.functional.interpolate(velocity.float(), size=tuple(shape), mode="trilinear", align_corners=True)
+    return integrate_velocity(v, steps=steps)
 
 
 def _image(arr: np.ndarray, device: torch.device | str | None) -> Tensor:
@@ -87,10 +114,12 @@ def load_sample(name: str, device: torch.device | str | None = None) -> dict:
     path = sample_path(name)
     if not path.is_file():
         raise FileNotFoundError(f"sample {name!r} not found at {path}. Rebuild the shipped samples with "
-                                f"`{_REBUILD}` (from the repository root), or point DEQREG_SAMPLES_DIR to the folder "
+                                f"`{_REBUILD_LUNG if name == 'lung3d' else _REBUILD}` (from the repository root), or point DEQREG_SAMPLES_DIR to the folder "
                                 f"that holds {SAMPLES[name][0]}.")
     with np.load(path, allow_pickle=False) as z:
         data = {k: z[k] for k in z.files}
+    if name == "lung3d":
+        return _lung_sample(data, device)
     labels = [int(v) for v in data["labels"]]
     sample: dict = {
         "name": name,
@@ -112,3 +141,32 @@ def load_sample(name: str, device: torch.device | str | None = None) -> dict:
             "bias_coarse": torch.from_numpy(data["moving_bias_coarse"].astype(np.float32)).to(device),
         }
     return sample
+
+
+def _lung_sample(data: dict, device: torch.device | str | None) -> dict:
+    """``lung3d``: moving image, moving mask and ``true_disp`` are computed from the stored fixed image, lung mask
+    and coarse velocity (see the module docstring)."""
+    from ..warp import warp
+
+    fixed = _image(data["fixed"], None)
+    fixed_seg = torch.from_numpy(data["fixed_seg"].astype(np.int64))[None, None]
+    true_disp = lung_disp_from_velocity(torch.from_numpy(data["velocity"].astype(np.float32))[None],
+                                        tuple(data["fixed"].shape))
+    moving = warp(fixed, true_disp).clamp_(0.0, 1.0)
+    moving_seg = warp(fixed_seg, true_disp, mode="nearest")
+    labels = [int(v) for v in data["labels"]]
+    return {
+        "name": "lung3d",
+        "fixed": fixed.to(device), "moving": moving.to(device),
+        "fixed_seg": fixed_seg.to(device), "moving_seg": moving_seg.to(device),
+        "fixed_mask": fixed_seg.clone().to(device), "moving_mask": moving_seg.clone().to(device),
+        "fixed_kp": torch.from_numpy(data["fixed_kp"].astype(np.float32)).to(device),
+        "moving_kp": torch.from_numpy(data["moving_kp"].astype(np.float32)).to(device),
+        "true_disp": true_disp.to(device),
+        "spacing": tuple(float(s) for s in data["spacing"]),
+        "labels": labels,
+        "label_names": {i: str(n) for i, n in zip(labels, data["label_names"])},
+        "ids": tuple(str(s) for s in data["ids"]),
+        "axes": str(data["axes"]),
+        "hu_window": tuple(float(v) for v in data["hu_window"]),
+    }
