@@ -9,7 +9,6 @@ import time
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -17,7 +16,7 @@ from ._checks import check_disp, check_image, check_options, check_same_spatial
 from .config import default_device
 from .losses import Objective
 from .result import RegistrationResult
-from .warp import resize_disp
+from .warp import resize_disp, resize_image
 
 __all__ = ["register", "RegistrationDivergedError", "DEFAULT_ADAM_LR", "default_gd_lr"]
 
@@ -40,10 +39,7 @@ class RegistrationDivergedError(RuntimeError):
 
 
 def _downsample(x: Tensor, factor: int) -> Tensor:
-    if factor == 1:
-        return x
-    size = [max(2, s // factor) for s in x.shape[2:]]
-    return F.interpolate(x, size=size, mode="bilinear" if x.dim() == 4 else "trilinear", align_corners=True)
+    return resize_image(x, [max(2, s // factor) for s in x.shape[2:]], blur=False)
 
 
 def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int | Sequence[int] = 200,

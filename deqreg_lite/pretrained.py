@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .config import REPO_ROOT
 from .result import RegistrationResult
-from .warp import resize_disp
+from .warp import resize_disp, resize_image
 
 __all__ = ["PRETRAINED", "SETTINGS", "HalfResolution", "checkpoints_dir", "checkpoint_path", "available_pretrained",
            "load_pretrained", "train_pretrained", "TRAIN_ORDER", "TRAIN_SIZE", "INPUT_SIZE", "TRAIN_KINDS"]
@@ -103,12 +103,6 @@ def available_pretrained() -> dict[str, bool]:
 # ---------------------------------------------------------------------------------------------------------------
 # the wrapper
 # ---------------------------------------------------------------------------------------------------------------
-def _downsample(image: Tensor, size: Sequence[int]) -> Tensor:
-    from .methods._common import downsample  # box blur + align_corners=True, resize_disp's grid convention
-
-    return downsample(image, size)
-
-
 class HalfResolution(nn.Module):
     """Run a registration method at ``1 / factor`` of the input resolution (the pretrained models work at 80 x 96).
 
@@ -157,7 +151,7 @@ class HalfResolution(nn.Module):
             raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must be (B, 1, *spatial) "
                              "images of the same shape")
         size = self.internal_size(fixed.shape[2:])
-        return _downsample(fixed, size), _downsample(moving, size)
+        return resize_image(fixed, size), resize_image(moving, size)
 
     def forward(self, fixed: Tensor, moving: Tensor, steps: Optional[int] = None,
                 return_states: bool = False) -> RegistrationResult:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._checks import check_disp, check_image, check_options
 
-__all__ = ["identity", "warp", "compose", "resize_disp", "integrate_velocity", "Warp"]
+__all__ = ["identity", "warp", "compose", "resize_disp", "resize_image", "integrate_velocity", "Warp"]
 
 _MODES = ("bilinear", "nearest")
 _PADDINGS = ("border", "zeros")
@@ -139,6 +139,29 @@ def resize_disp(disp: Tensor, size: Sequence[int]) -> Tensor:
     factors = torch.tensor([(m - 1) / (n - 1) if n > 1 else 1.0 for m, n in zip(size, old)],
                            device=disp.device, dtype=disp.dtype)
     return out * factors.view(1, ndim, *([1] * ndim))
+
+
+def resize_image(image: Tensor, size: Sequence[int], blur: bool = True) -> Tensor:
+    """Resample an image to ``size`` on the grid convention of :func:`resize_disp` (corners aligned).
+
+    Args:
+        image: ``(B, C, *spatial)`` float image.
+        size: new spatial shape.
+        blur: when shrinking, first average over an odd box about as wide as the reduction factor (anti-aliasing).
+    Returns:
+        ``(B, C, *size)``.
+    """
+    ndim = check_image(image, "image")
+    size = tuple(int(s) for s in size)
+    if len(size) != ndim:
+        raise ValueError(f"size must have {ndim} entries, got {size}")
+    if tuple(image.shape[2:]) == size:
+        return image
+    k = 2 * int(max(n / m for n, m in zip(image.shape[2:], size)) // 2) + 1
+    if blur and k > 1:
+        pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
+        image = pool(image, k, stride=1, padding=k // 2, count_include_pad=False)
+    return F.interpolate(image, size=size, mode="bilinear" if ndim == 2 else "trilinear", align_corners=True)
 
 
 def integrate_velocity(velocity: Tensor, steps: int = 7) -> Tensor:

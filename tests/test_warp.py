@@ -5,7 +5,7 @@ import torch
 from scipy import ndimage
 
 from conftest import smooth_field, smooth_image
-from deqreg_lite.warp import Warp, compose, identity, integrate_velocity, resize_disp, warp
+from deqreg_lite.warp import Warp, compose, identity, integrate_velocity, resize_disp, resize_image, warp
 
 
 @pytest.mark.parametrize("shape", [(23, 31), (11, 13, 9)])
@@ -119,3 +119,14 @@ def test_bad_inputs_raise_clear_errors(rng):
         warp(image, torch.zeros(1, 2, 8, 9), interp="linear")
     with pytest.raises(ValueError, match="same shape"):
         compose(torch.zeros(1, 2, 8, 9), torch.zeros(1, 2, 8, 8))
+
+
+def test_resize_image_keeps_corners_and_linear_ramps():
+    ramp = identity((17, 33), dtype=torch.float64)[:, 1:]  # value = column index: linear, so resampling is exact
+    small = resize_image(ramp, (9, 17), blur=False)
+    assert torch.allclose(small, identity((9, 17), dtype=torch.float64)[:, 1:] * 2)
+    assert resize_image(ramp, (17, 33)) is ramp
+    blurred = resize_image(torch.rand(1, 1, 40, 40), (20, 20))
+    assert blurred.shape == (1, 1, 20, 20)
+    with pytest.raises(ValueError, match="entries"):
+        resize_image(ramp, (9,))

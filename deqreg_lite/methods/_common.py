@@ -13,7 +13,7 @@ from .._checks import check_image
 from ..losses import Objective
 from ..nets import UNet
 from ..result import RegistrationResult
-from ..warp import warp
+from ..warp import resize_image, warp
 
 __all__ = ["check_pair", "check_steps", "check_count", "unet_apply", "rel_residual", "downsample", "normalise_grad",
            "similarity_grad", "make_result", "Clock", "residual_step"]
@@ -82,18 +82,8 @@ def rel_residual(new: Tensor, old: Tensor) -> float:
 
 
 def downsample(image: Tensor, size: Sequence[int]) -> Tensor:
-    """Blur (box of about the reduction factor, odd width) and resample ``image`` ``(B, C, *spatial)`` to ``size``
-    with ``align_corners=True``, the grid convention of :func:`deqreg_lite.warp.resize_disp`."""
-    size = tuple(int(s) for s in size)
-    if tuple(image.shape[2:]) == size:
-        return image
-    factor = max(s / n for s, n in zip(image.shape[2:], size))
-    k = 2 * int(factor // 2) + 1
-    if k > 1:
-        pool = F.avg_pool2d if image.dim() == 4 else F.avg_pool3d
-        image = pool(image, k, stride=1, padding=k // 2, count_include_pad=False)
-    return F.interpolate(image, size=size, mode="bilinear" if image.dim() == 4 else "trilinear",
-                         align_corners=True)
+    """Blur and resample ``image`` ``(B, C, *spatial)`` to ``size`` (:func:`deqreg_lite.warp.resize_image`)."""
+    return resize_image(image, size, blur=True)
 
 
 def normalise_grad(g: Tensor, eps: float = 1e-12) -> Tensor:
