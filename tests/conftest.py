@@ -4,7 +4,9 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# The tests use small tensors: one thread is as fast as two on a quiet machine, and on a busy one two threads
+# contend and small ops get up to ~100x slower (shared/lessons.md). Subprocess tests set their own.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -24,7 +24,6 @@ def test_presets_follow_the_paper():
 
 
 def test_train_resume_evaluate(tmp_path, capsys):
-    torch.set_num_threads(1)
     out = tmp_path / "run"
     assert main(["train", *SMALL, "--iterations", "4", "--out", str(out)]) == 0
     text = capsys.readouterr().out

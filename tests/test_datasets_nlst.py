@@ -12,13 +12,6 @@ from lookalike import make_nlst, write_nifti  # noqa: E402
 from deqreg_lite.datasets.nlst import NLST, normalise_nlst_name, read_keypoints  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def nlst(tmp_path):

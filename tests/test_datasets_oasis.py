@@ -12,13 +12,6 @@ from lookalike import make_l2r_oasis, make_neurite_oasis, write_nifti  # noqa: E
 from deqreg_lite.datasets.oasis import LABEL_PRESETS, OASIS, neurite_split_sizes  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def l2r(tmp_path):

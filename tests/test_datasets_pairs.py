@@ -9,14 +9,6 @@ from deqreg_lite.metrics import dice
 SIZE = (32, 32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On 2 busy cores, 2 torch threads contend and small ops get ~100x slower; 1 thread keeps these tests fast.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def same(a, b):
     assert a.keys() == b.keys()

@@ -16,14 +16,6 @@ from deqreg_lite.warp import warp
 SIZE = (32, 32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On 2 busy cores, 2 torch threads contend and small ops get ~100x slower; 1 thread keeps these tests fast.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class TinyMethod(RegistrationMethod):
     """A few-parameter iterative method: ``disp += conv(tanh(conv([f, m o disp, disp])))``, BPTT over T steps."""

@@ -8,7 +8,7 @@ from deqreg_lite.deq import DEQ, correction_loss
 from deqreg_lite.losses import diffusion, lncc
 from deqreg_lite.memory import SavedBytes
 from deqreg_lite.methods import (METHODS, DEQReg, DEQReg12, GraDIRN, RegistrationLoss, RegistrationMethod, RIIR,
-                                 Unrolling, VoxelMorph, build_method, deqreg12)
+                                 Unrolling, build_method, deqreg12)
 from deqreg_lite.methods.riir import riir_weights
 from deqreg_lite.result import RegistrationResult
 from deqreg_lite.warp import warp

@@ -12,15 +12,6 @@ from deqreg_lite.pretrained import PRETRAINED, HalfResolution, available_pretrai
 _missing = [n for n, ok in available_pretrained().items() if not ok]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # these models are tiny: one thread is faster than two on a busy machine (shared/lessons.md)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def brain():
     return load_sample("brain2d")
