@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from deqreg_lite.losses import box_mean, lncc
 from deqreg_lite.warp import warp
 
+from _load import LoadMeter  # benchmarks/_load.py (the script's folder is on sys.path)
+
 WIN = 5
 WARP_TOL = 1e-4  # float32 trilinear interpolation of values in [0, 1]: only rounding may differ
 GRAD_TOL = 1e-10  # warp gradients w.r.t. the displacement, compared in float64
@@ -128,32 +130,6 @@ def time_interleaved(impls: dict[str, Callable[[], object]], repeats: int, warmu
         if r + 1 >= min_repeats and time.perf_counter() - start > budget_s:
             break
     return times, calls
-
-
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds all processes have used (Linux ``/proc/stat``), or None elsewhere."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return None
-
-
-class LoadMeter:
-    """Cores kept busy by *other* processes while the block runs: a quiet machine reads ~0. The timings are
-    only comparable run-to-run on a quiet machine; the ratios suffer less, as the runs are interleaved."""
-
-    def __enter__(self):
-        self.wall, self.busy, self.own = time.perf_counter(), _busy_cpu_seconds(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        busy = _busy_cpu_seconds()
-        wall = time.perf_counter() - self.wall
-        own = time.process_time() - self.own
-        self.cores = None if busy is None or self.busy is None else max(0.0, (busy - self.busy - own) / wall)
-        return False
 
 
 def summary(ms: list[float]) -> dict:

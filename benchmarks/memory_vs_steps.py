@@ -48,6 +48,8 @@ from deqreg_lite.deq import correction_loss, phantom
 from deqreg_lite.evaluate import training_memory
 from deqreg_lite.methods import DEQReg, RegistrationLoss, build_method
 
+from _load import LoadMeter  # benchmarks/_load.py (the script's folder is on sys.path)
+
 PAPER = {"voxelmorph_MB": 2645, "deqreg_MB": 6925}
 GOAL_RATIO = PAPER["deqreg_MB"] / PAPER["voxelmorph_MB"]  # 2.618: the paper's, rounded to 2.6 in the issue
 GOAL_RATIO_ROUNDED = 2.6
@@ -76,30 +78,6 @@ class NaiveDEQReg(DEQReg):
                                [phantom(g, s, self.K, self.tau) for s in states], self.gamma)
         backward(loss)
         return {"loss": float(loss.detach()), "nfe": float(info.nfe)}
-
-
-# --------------------------------------------------------------------------------------------- load
-def _busy_cpu_seconds() -> float | None:
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return None
-
-
-class LoadMeter:
-    """Cores kept busy by other processes while the block runs (as in core_speed.py), plus the load average."""
-
-    def __enter__(self):
-        self.wall, self.busy, self.own = time.perf_counter(), _busy_cpu_seconds(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        busy, wall, own = _busy_cpu_seconds(), time.perf_counter() - self.wall, time.process_time() - self.own
-        self.cores = None if busy is None or self.busy is None else max(0.0, (busy - self.busy - own) / wall)
-        self.loadavg = os.getloadavg() if hasattr(os, "getloadavg") else None
-        return False
 
 
 # --------------------------------------------------------------------------------------------- inputs

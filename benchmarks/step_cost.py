@@ -45,6 +45,8 @@ import torch
 from deqreg_lite.datasets import brain_pairs
 from deqreg_lite.methods import RegistrationLoss, build_method
 
+from _load import LoadMeter  # benchmarks/_load.py (the script's folder is on sys.path)
+
 PAPER = {"deqreg_s": 1.09, "voxelmorph_s": 0.20}
 PAPER_RATIO = PAPER["deqreg_s"] / PAPER["voxelmorph_s"]  # 5.45
 SIZES = {"2D 160x192": (160, 192), "2D 128x128": (128, 128)}
@@ -56,31 +58,6 @@ CONFIGS = {  # name -> DEQReg options (T = 48, S = 3, K = 3, tau = 0.5 throughou
     "deqreg anderson tol=1e-2": {"solver": "anderson", "tol": 1e-2},
 }
 REFERENCE = "deqreg fixed_point tol=0"
-
-
-# --------------------------------------------------------------------------------------------- load
-def _busy_cpu_seconds() -> float | None:
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return None
-
-
-class LoadMeter:
-    """Cores kept busy by other processes while the block runs (as in core_speed.py), plus the load average."""
-
-    def __enter__(self):
-        self.wall, self.busy, self.own = time.perf_counter(), _busy_cpu_seconds(), time.process_time()
-        self.loadavg_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-        return self
-
-    def __exit__(self, *exc):
-        busy, wall, own = _busy_cpu_seconds(), time.perf_counter() - self.wall, time.process_time() - self.own
-        self.cores = None if busy is None or self.busy is None else max(0.0, (busy - self.busy - own) / wall)
-        self.loadavg = os.getloadavg() if hasattr(os, "getloadavg") else None
-        return False
 
 
 # --------------------------------------------------------------------------------------------- weights
