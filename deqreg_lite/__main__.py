@@ -163,10 +163,10 @@ def _eval_table_text(tables: dict, reference: str) -> str:
     return table1(tables, reference=reference)
 
 
-def _evaluate_tables(method, pairs, steps, memory: bool, loss_fn=None) -> dict:
+def _evaluate_tables(method, pairs, steps, memory: bool, loss_fn=None, disp_dir=None) -> dict:
     from .evaluate import evaluate, identity_method
 
-    t = evaluate(method, pairs, steps=steps, memory=memory, loss_fn=loss_fn)
+    t = evaluate(method, pairs, steps=steps, memory=memory, loss_fn=loss_fn, disp_dir=disp_dir)
     return {method.name: t, "identity": evaluate(identity_method, pairs, memory=False)}
 
 
@@ -291,7 +291,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"deqreg_lite evaluate: {method.name} from {ckpt} on {args.dataset} {split} ({len(pairs)} pairs, "
           f"{tuple(args.size)}), steps={args.steps or method.trained_steps}")
     lam = run.get("lam", PRESETS[args.dataset]["lam"])
-    tables = _evaluate_tables(method, pairs, args.steps, memory=not args.no_memory, loss_fn=RegistrationLoss(lam))
+    tables = _evaluate_tables(method, pairs, args.steps, memory=not args.no_memory, loss_fn=RegistrationLoss(lam),
+                              disp_dir=args.disp_dir)
     text = _eval_table_text(tables, method.name)
     print()
     print(text)
@@ -369,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pairs", type=int, default=None, help="number of pairs (default: all; 9 for sample)")
     ev.add_argument("--no-memory", action="store_true", help="skip the training-step memory/time measurement")
     ev.add_argument("--out", default=None, help="also write the table to this markdown file")
+    ev.add_argument("--disp-dir", default=None,
+                    help="also write Learn2Reg submission files disp_XXXX_YYYY.nii.gz (3D datasets) into this folder")
     ev.set_defaults(func=_evaluate)
     return parser
 

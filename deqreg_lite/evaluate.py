@@ -27,14 +27,17 @@ import inspect
 import io
 import math
 import random
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_options
 from .memory import SavedBytes
 from .metrics import dice, folding_percent, hd95, sd_log_jacobian, tre
 from .result import RegistrationResult
@@ -42,7 +45,7 @@ from .result import RegistrationResult
 __all__ = ["pair_metrics", "format_table", "Table", "evaluate", "identity_method", "classical_method",
            "elastix_method", "elastix_available", "evaluate_elastix", "training_memory", "training_cost",
            "step_sweep", "trained_vs_best", "table2", "wilcoxon", "table1", "DEFAULT_SWEEP_STEPS",
-           "ELASTIX_INSTALL_HINT"]
+           "ELASTIX_INSTALL_HINT", "save_l2r_disp", "load_l2r_disp"]
 
 #: the inference step counts of the convergence study (Fig. 3).
 DEFAULT_SWEEP_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
@@ -391,7 +394,8 @@ def training_cost(method: nn.Module, fixed: Tensor, moving: Tensor, loss_fn: Cal
 # ---------------------------------------------------------------------------------------------------------------
 def evaluate(method: Any, pairs: Any, steps: int | None = None, memory: bool = True,
              labels: Sequence[int] | None = None, *, loss_fn: Callable | None = None, hd95: bool = True,
-             name: str | None = None, device: str | torch.device | None = None, progress: bool = False) -> Table:
+             name: str | None = None, device: str | torch.device | None = None, progress: bool = False,
+             disp_dir: str | Path | None = None, disp_format: str = "nii.gz") -> Table:
     """Register every pair with ``method`` and score it.
 
     Args:
@@ -407,6 +411,9 @@ def evaluate(method: Any, pairs: Any, steps: int | None = None, memory: bool = T
         name: the table's name (default the method's).
         device: where to run (default: the method's parameters' device; the samples' device for callables).
         progress: show a tqdm bar.
+        disp_dir: also write each pair's displacement there as a Learn2Reg submission file
+            (:func:`save_l2r_disp`, ``disp_{fixed}_{moving}.nii.gz`` or ``.npz``, named from the sample's ``ids``).
+        disp_format: ``"nii.gz"`` or ``"npz"``.
     Returns:
         a :class:`Table`; ``time_s`` is the wall time of the method's call (CUDA synchronised); on CUDA the
         first pair is run once untimed first, to warm up.
@@ -440,6 +447,9 @@ def evaluate(method: Any, pairs: Any, steps: int | None = None, memory: bool = T
                 v = result.info.get(k)
                 if _is_number(v):
                     row[k] = float(v)
+            if disp_dir is not None:
+                ids = s.get("ids") or (f"{2 * i:04d}", f"{2 * i + 1:04d}")
+                row["disp_file"] = str(save_l2r_disp(result.disp, disp_dir, ids[0], ids[1], fmt=disp_format))
             table.rows.append(row)
         if memory and is_module and items and hasattr(method, "training_step"):
             s = items[0]
@@ -450,6 +460,68 @@ def evaluate(method: Any, pairs: Any, steps: int | None = None, memory: bool = T
         if is_module:
             method.train(was_training)
     return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learn2Reg submission files
+# ---------------------------------------------------------------------------------------------------------------
+def _case_number(sample_id: str) -> str:
+    """The 4-digit case number of an id such as ``OASIS_0395``, ``NLST_0101_0000`` or ``0395``."""
+    groups = re.findall(r"\d+", str(sample_id))
+    if not groups:
+        raise ValueError(f"cannot find a case number in the id {sample_id!r}")
+    # NLST ids end in the _0000/_0001 image index: the case is the group before it
+    number = groups[-2] if len(groups) > 1 and re.search(r"_000[01]$", str(sample_id)) else groups[-1]
+    return f"{int(number):04d}"
+
+
+def save_l2r_disp(disp: Tensor, folder: str | Path, fixed_id: str, moving_id: str, fmt: str = "nii.gz") -> Path:
+    """Write a displacement in Learn2Reg's submission convention; return the file's path.
+
+    The file ``disp_{fixed4}_{moving4}.nii.gz`` (or ``.npz`` with key ``arr_0``) holds a ``(*spatial, 3)``
+    float array in **voxels**, channels in array-axis order, mapping the fixed grid into the moving image:
+    ``warped = map_coordinates(moving, identity + disp.transpose(3, 0, 1, 2), order=1)``, which is exactly
+    :func:`deqreg_lite.warp.warp`'s convention, so the values are written unchanged (only moved channel-last).
+
+    Args:
+        disp: ``(1, 3, D, H, W)`` or ``(3, D, H, W)`` displacement in voxels.
+        folder: output folder (created).
+        fixed_id, moving_id: sample ids; their 4-digit case numbers name the file.
+        fmt: ``"nii.gz"`` (float32, identity affine: Learn2Reg reads the array as stored) or ``"npz"``.
+    """
+    check_options(fmt, ("nii.gz", "npz"), "fmt")
+    d = disp.detach().float().cpu()
+    if d.dim() == 5 and d.shape[0] == 1:
+        d = d[0]
+    if d.dim() != 4 or d.shape[0] != 3:
+        raise ValueError(f"disp must be (1, 3, D, H, W) or (3, D, H, W) for a Learn2Reg file, got {tuple(disp.shape)}")
+    arr = d.permute(1, 2, 3, 0).contiguous().numpy()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"disp_{_case_number(fixed_id)}_{_case_number(moving_id)}.{fmt}"
+    if fmt == "npz":
+        np.savez_compressed(path, arr_0=arr)
+    else:
+        import nibabel as nib
+
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
+    return path
+
+
+def load_l2r_disp(path: str | Path) -> Tensor:
+    """Read a Learn2Reg displacement file back as ``(1, 3, D, H, W)`` in voxels."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no displacement file at {path}")
+    if path.name.endswith(".npz"):
+        arr = np.load(path)["arr_0"]
+    else:
+        import nibabel as nib
+
+        arr = np.asanyarray(nib.load(str(path)).dataobj)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"{path} holds an array of shape {arr.shape}; expected (D, H, W, 3)")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).permute(3, 0, 1, 2)[None]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Evaluation: tables, baselines through the same path, training memory, step sweeps, statistics."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -224,3 +225,42 @@ def test_pair_metrics_and_format_table_still_work(pairs):
     full, quick = ev.pair_metrics(s, zero), ev.pair_metrics(s, zero, with_hd95=False)
     assert "hd95" in full and "hd95" not in quick and full["dice"] == quick["dice"]
     assert "identity" in ev.format_table({"identity": full}, ["dice", "hd95"])
+
+
+def test_learn2reg_disp_files_follow_the_official_convention(tmp_path):
+    from scipy import ndimage
+
+    from deqreg_lite.evaluate import load_l2r_disp, save_l2r_disp
+    from deqreg_lite.warp import identity
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (10, 12, 9)
+    disp = torch.nn.functional.interpolate(torch.randn(1, 3, 3, 3, 3, generator=gen) * 1.5, size=shape,
+                                           mode="trilinear", align_corners=True)
+    moving = torch.rand(1, 1, *shape, generator=gen)
+    for fmt in ("nii.gz", "npz"):
+        path = save_l2r_disp(disp, tmp_path, "OASIS_0395", "OASIS_0396", fmt=fmt)
+        assert path.name == f"disp_0395_0396.{fmt}"
+        back = load_l2r_disp(path)
+        assert torch.allclose(back, disp)
+        # Learn2Reg's evaluation: map_coordinates(moving, identity + disp.transpose(3, 0, 1, 2), order=1)
+        arr = np.load(path)["arr_0"] if fmt == "npz" else None
+        if arr is not None:
+            assert arr.shape == (*shape, 3)
+            coords = identity(shape)[0].numpy() + arr.transpose(3, 0, 1, 2)
+            ref = ndimage.map_coordinates(moving[0, 0].numpy(), coords, order=1, mode="nearest")
+            assert np.allclose(warp(moving, disp)[0, 0].numpy(), ref, atol=1e-5)
+    nlst = save_l2r_disp(disp[0], tmp_path, "NLST_0101_0000", "NLST_0101_0001")
+    assert nlst.name == "disp_0101_0101.nii.gz"
+    with pytest.raises(ValueError, match="3, D, H, W"):
+        save_l2r_disp(torch.zeros(1, 2, 4, 4), tmp_path, "1", "2")
+
+
+def test_evaluate_writes_disp_files(tmp_path):
+    from deqreg_lite.evaluate import identity_method
+
+    sample = {"fixed": torch.rand(1, 1, 6, 7, 8), "moving": torch.rand(1, 1, 6, 7, 8),
+              "ids": ("OASIS_0001", "OASIS_0002")}
+    table = ev.evaluate(identity_method, [sample], memory=False, disp_dir=tmp_path)
+    assert (tmp_path / "disp_0001_0002.nii.gz").exists()
+    assert table.rows[0]["disp_file"].endswith("disp_0001_0002.nii.gz")
