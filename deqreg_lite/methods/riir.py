@@ -19,16 +19,14 @@ Design choices:
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
 from ..nets import UNet
-from ..result import RegistrationResult
 from ..warp import warp
-from .base import Backward, LossFn, RegistrationMethod
-from ._common import Clock, check_count, check_pair, check_steps, make_result, rel_residual, similarity_grad, unet_apply
+from .base import Backward, LossFn
+from ._common import check_count, check_pair, similarity_grad, unet_apply
+from .unrolling import RecurrentMethod
 
 __all__ = ["RIIR", "ConvGRU", "riir_weights"]
 
@@ -59,7 +57,7 @@ class ConvGRU(nn.Module):
         return torch.lerp(h, q, z)
 
 
-class RIIR(RegistrationMethod):
+class RIIR(RecurrentMethod):
     """Recurrent registration with a ConvGRU hidden state (see the module docstring).
 
     Args:
@@ -88,33 +86,15 @@ class RIIR(RegistrationMethod):
     def config(self) -> dict:
         return {"ndim": self.ndim, "T": self.T, "hidden": self.hidden, "use_grad": self.use_grad}
 
-    def _iterate(self, fixed: Tensor, moving: Tensor, steps: int,
-                 keep: bool) -> tuple[Tensor, list[Tensor], list[float]]:
-        phi = fixed.new_zeros(fixed.shape[0], self.ndim, *fixed.shape[2:])
-        h = fixed.new_zeros(fixed.shape[0], self.hidden, *fixed.shape[2:])
-        phis, residuals = [], []
-        for _ in range(steps):
-            x = [fixed, warp(moving, phi), phi]
-            if self.use_grad:
-                x.append(similarity_grad(fixed, moving, phi))
-            h = self.gru(unet_apply(self.features, torch.cat(x, dim=1)), h)
-            new = phi + self.head(h)
-            residuals.append(rel_residual(new, phi))
-            phi = new
-            if keep:
-                phis.append(phi)
-        return phi, phis, residuals
+    def _start(self, fixed: Tensor) -> Tensor:
+        return fixed.new_zeros(fixed.shape[0], self.hidden, *fixed.shape[2:])
 
-    def forward(self, fixed: Tensor, moving: Tensor, steps: Optional[int] = None,
-                return_states: bool = False) -> RegistrationResult:
-        """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)``) in ``steps`` (default ``T``) recurrent steps."""
-        check_pair(fixed, moving, self.ndim)
-        steps = check_steps(steps, self.T)
-        clock = Clock(fixed)
-        disp, phis, residuals = self._iterate(fixed, moving, steps, return_states)
-        states = [p.detach() for p in phis]
-        info = {"steps": steps, "nfe": steps, "residuals": residuals}
-        return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
+    def _update(self, fixed: Tensor, moving: Tensor, phi: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        x = [fixed, warp(moving, phi), phi]
+        if self.use_grad:
+            x.append(similarity_grad(fixed, moving, phi))
+        h = self.gru(unet_apply(self.features, torch.cat(x, dim=1)), h)
+        return phi + self.head(h), h
 
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Vanilla unrolling (Eq. 3): weight-tied residual updates trained by backpropagation through time."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -10,36 +10,36 @@ from ..result import RegistrationResult
 from .base import Backward, LossFn, RegistrationMethod
 from ._common import Clock, check_count, check_pair, check_steps, make_result, rel_residual, residual_step
 
-__all__ = ["Unrolling"]
+__all__ = ["RecurrentMethod", "Unrolling"]
 
 
-class Unrolling(RegistrationMethod):
-    """``phi_{t+1} = phi_t + f_theta([If, Im o phi_t, phi_t])``, ``phi_0 = 0`` (Eq. 3), one U-Net (``2 + ndim``
-    inputs) shared by every step. Trained by BPTT through ``T`` steps with the loss on the last step only
-    (``w_t = 0`` in Eq. 4); memory grows linearly with ``T``. At test time ``steps`` may be any count >= 1.
+class RecurrentMethod(RegistrationMethod):
+    """Shared loop of the methods that repeat one learned update from ``phi_0 = 0`` (Unrolling, RIIR).
 
-    ``info``: ``steps``, ``nfe`` (= steps), ``residuals`` (``||phi_{t+1} - phi_t|| / ||phi_{t+1}||`` per step,
-    maximum over the batch). States are ``phi_1 .. phi_steps`` (``state_steps`` 1..steps).
+    Subclasses set ``T`` and define :meth:`_update` (one step, with an optional recurrent state) and, when they
+    carry such a state, :meth:`_start`. ``forward`` runs ``steps`` updates (default ``T``); ``info`` holds
+    ``steps``, ``nfe`` (= steps) and ``residuals`` (``||phi_{t+1} - phi_t|| / ||phi_{t+1}||`` per step, maximum over
+    the batch); states are ``phi_1 .. phi_steps`` (``state_steps`` 1..steps).
     """
 
-    name = "unrolling"
+    T: int
 
-    def __init__(self, ndim: int, T: int = 3) -> None:
-        super().__init__(ndim)
-        self.T = self.trained_steps = check_count(T, "T")
-        self.net = UNet(ndim, 2 + ndim, ndim)
+    def _start(self, fixed: Tensor) -> Any:
+        """The recurrent state before the first step (``None``: no state)."""
+        return None
 
-    def config(self) -> dict:
-        return {"ndim": self.ndim, "T": self.T}
+    def _update(self, fixed: Tensor, moving: Tensor, phi: Tensor, state: Any) -> tuple[Tensor, Any]:
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def _iterate(self, fixed: Tensor, moving: Tensor, steps: int,
                  keep: bool) -> tuple[Tensor, list[Tensor], list[float]]:
         """Run ``steps`` updates from zero (with the graph when grad mode is on); return the last field, the fields
         of every step when ``keep`` (else empty) and the residual trace."""
         phi = fixed.new_zeros(fixed.shape[0], self.ndim, *fixed.shape[2:])
+        state = self._start(fixed)
         phis, residuals = [], []
         for _ in range(steps):
-            new = residual_step(self.net, fixed, moving, phi)
+            new, state = self._update(fixed, moving, phi, state)
             residuals.append(rel_residual(new, phi))
             phi = new
             if keep:
@@ -56,6 +56,27 @@ class Unrolling(RegistrationMethod):
         info = {"steps": steps, "nfe": steps, "residuals": residuals}
         states = [p.detach() for p in phis]
         return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
+
+
+class Unrolling(RecurrentMethod):
+    """``phi_{t+1} = phi_t + f_theta([If, Im o phi_t, phi_t])``, ``phi_0 = 0`` (Eq. 3), one U-Net (``2 + ndim``
+    inputs) shared by every step. Trained by BPTT through ``T`` steps with the loss on the last step only
+    (``w_t = 0`` in Eq. 4); memory grows linearly with ``T``. At test time ``steps`` may be any count >= 1;
+    ``info`` and the states are :class:`RecurrentMethod`'s.
+    """
+
+    name = "unrolling"
+
+    def __init__(self, ndim: int, T: int = 3) -> None:
+        super().__init__(ndim)
+        self.T = self.trained_steps = check_count(T, "T")
+        self.net = UNet(ndim, 2 + ndim, ndim)
+
+    def config(self) -> dict:
+        return {"ndim": self.ndim, "T": self.T}
+
+    def _update(self, fixed: Tensor, moving: Tensor, phi: Tensor, state: None) -> tuple[Tensor, None]:
+        return residual_step(self.net, fixed, moving, phi), None
 
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:
