@@ -166,3 +166,18 @@ def test_half_resolution_wrapper_checks_before_resampling(pair2d):
         assert model(fixed, moving).disp.shape == (1, 2, 16, 16)
     with pytest.raises(ValueError, match=r"intensities in \[0, 1\]"):
         model.training_step(fixed * 255, moving * 255, RegistrationLoss())
+
+
+# ------------------------------------------------------------------------------------------- loaders
+def test_sample_images_outside_unit_range_are_rescaled_with_a_warning():
+    """samples._image: a non-uint8 array was clamped to [0, 1] (0..255 floats became almost all ones)."""
+    import numpy as np
+
+    from deqreg_lite.datasets.samples import _image
+
+    arr = np.linspace(0.0, 255.0, 64, dtype=np.float32).reshape(8, 8)
+    with pytest.warns(UserWarning, match=r"my.npz fixed: intensities span \[0, 255\].*rescaled min-max"):
+        x = _image(arr, None, "my.npz fixed")
+    torch.testing.assert_close(x[0, 0], torch.from_numpy(arr / 255.0))
+    assert torch.equal(_image(np.full((4, 4), 1.02, np.float32), None)[0, 0], torch.ones(4, 4))  # overshoot: clip
+    assert _image(np.array([[0, 255]], np.uint8), None)[0, 0].tolist() == [[0.0, 1.0]]  # uint8: x / 255
