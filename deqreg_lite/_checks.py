@@ -83,7 +83,7 @@ def check_keypoints(kp: Tensor, shape: Sequence[int] | None, name: str = "keypoi
                          f"(first at row {int(bad.nonzero()[0, 0])}); expected finite voxel coordinates")
     if shape is None:
         return
-    hi = torch.tensor([float(n) - 0.5 for n in shape], dtype=torch.float64)
+    hi = torch.tensor([float(n) - 0.5 for n in shape], dtype=torch.float64, device=pts.device)
     out = ((pts < -0.5) | (pts > hi)).any(dim=1)
     if bool(out.any()):
         i = int(out.nonzero()[0, 0])

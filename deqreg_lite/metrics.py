@@ -7,8 +7,8 @@ inside) and are checked against the displacement.
 
 Missing structures. A label present in one map but not in the other is a failed registration of that structure,
 never a skipped one: its Dice is 0 and its HD95 is the largest distance possible in the image (the diagonal of the
-voxel grid in mm, :func:`max_distance`). Learn2Reg's evaluation (the DeepMind ``surface-distance`` code) returns
-inf there and MONAI's ``compute_hausdorff_distance`` warns and returns inf or NaN; a finite worst case keeps the
+voxel grid in mm, :func:`max_distance`). The DeepMind ``surface-distance`` code that Learn2Reg's evaluation uses
+returns inf there, and MONAI's ``compute_hausdorff_distance`` warns and returns inf or NaN; a finite worst case keeps the
 means finite and ranks a structure wiped out by the warp below any structure that survives it. A label absent from
 both maps is excluded (NaN); tables average over the labels with ``nanmean``.
 """
@@ -228,8 +228,8 @@ def tre(kp_fixed: Tensor, kp_moving: Tensor, disp: Tensor, spacing: float | Sequ
         ``(N,)`` or ``(B, N)`` distances in mm, matching the keypoints' batching.
     Raises:
         ValueError: keypoints that are NaN/inf or outside the volume: every coordinate must lie in
-        ``[-0.5, n - 0.5]`` on an axis of ``n`` voxels (inside the outer faces of the border voxels); the
-        message says how many. ``disp`` would be read from the border there, so the error would be meaningless.
+            ``[-0.5, n - 0.5]`` on an axis of ``n`` voxels (inside the outer faces of the border voxels); the
+            message says how many. Outside, ``disp`` would only be read from the border: a meaningless TRE.
     """
     ndim = check_disp(disp)
     kp_fixed, kp_moving = torch.as_tensor(kp_fixed), torch.as_tensor(kp_moving)
