@@ -132,6 +132,7 @@ def test_nan_or_outside_keypoints_name_the_file_and_the_count(nlst):
 
 
 @pytest.mark.filterwarnings("ignore:NLST. mapped the misspelt")
+@pytest.mark.filterwarnings("ignore:NLST. case NLST_0033")
 def test_an_already_normalised_volume_is_not_squashed_by_the_hu_window(nlst):
     """Before: a [0, 1] volume went through the HU window and came out as a constant 0.667 image."""
     rng = np.random.default_rng(2)
