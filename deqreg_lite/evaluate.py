@@ -65,6 +65,11 @@ def pair_metrics(sample: Mapping, disp: Tensor, labels: Sequence[int] | None = N
     Returns:
         ``dice`` (mean over labels, 0-1), ``dice_<id>`` per label, ``hd95`` (mm, mean over labels),
         ``folding_pct``, ``sdlogj`` (Learn2Reg convention), ``sdlogj_plain``, and ``tre_mm`` when keypoints exist.
+
+    Missing structures count as failures in both means: a label in one map only (say, wiped out by the warp) has
+    Dice 0 and HD95 equal to the image diagonal in mm (:func:`~deqreg_lite.metrics.max_distance`), so it can only
+    make the mean worse. Only labels absent from both maps are left out of the means (NaN, skipped by
+    ``nanmean``); a pair with none of its labels present gets NaN.
     """
     disp = disp.detach().float().cpu()
     out: dict[str, float] = {}

@@ -2,7 +2,15 @@
 
 Shapes: label maps are integer tensors ``(B, 1, *spatial)``; displacements are ``(B, ndim, *spatial)`` in voxels
 with channels in array-axis order; keypoints are ``(N, ndim)`` or ``(B, N, ndim)`` 0-based voxel indices in
-array-axis order; ``spacing`` is mm per voxel along each spatial axis.
+array-axis order; ``spacing`` is mm per voxel along each spatial axis; masks are ``(B, 1, *spatial)`` (non-zero =
+inside) and are checked against the displacement.
+
+Missing structures. A label present in one map but not in the other is a failed registration of that structure,
+never a skipped one: its Dice is 0 and its HD95 is the largest distance possible in the image (the diagonal of the
+voxel grid in mm, :func:`max_distance`). The DeepMind ``surface-distance`` code that Learn2Reg's evaluation uses
+returns inf there, and MONAI's ``compute_hausdorff_distance`` warns and returns inf or NaN; a finite worst case keeps the
+means finite and ranks a structure wiped out by the warp below any structure that survives it. A label absent from
+both maps is excluded (NaN); tables average over the labels with ``nanmean``.
 """
 from __future__ import annotations
 
@@ -13,9 +21,10 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from ._checks import check_disp, check_options
+from ._checks import check_disp, check_keypoints, check_options
 
-__all__ = ["dice", "hd95", "jacobian_det", "folding_percent", "sd_log_jacobian", "tre", "sample_disp"]
+__all__ = ["dice", "hd95", "max_distance", "jacobian_det", "folding_percent", "sd_log_jacobian", "tre",
+           "sample_disp"]
 
 
 def _check_segs(seg_a: Tensor, seg_b: Tensor) -> None:
@@ -40,6 +49,24 @@ def _spacing(spacing: float | Sequence[float] | None, ndim: int) -> np.ndarray:
     return s
 
 
+def _check_mask(mask: Tensor, disp: Tensor, name: str = "mask") -> Tensor:
+    """A ``(B, 1, *spatial)`` mask matching ``disp`` ``(B, ndim, *spatial)``, as a bool tensor ``(B, *spatial)``."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (B, 1, *spatial), got {type(mask).__name__}")
+    expected = (disp.shape[0], 1, *disp.shape[2:])
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"{name} must have shape (B, 1, *spatial) = {expected} to match disp "
+                         f"{tuple(disp.shape)}, got {tuple(mask.shape)}")
+    return mask[:, 0].to(device=disp.device, dtype=torch.bool)
+
+
+def max_distance(shape: Sequence[int], spacing: float | Sequence[float] | None = None) -> float:
+    """The largest distance between two voxel centres of a grid ``shape``, in mm: its diagonal
+    ``sqrt(sum(((n_i - 1) * spacing_i) ** 2))``. :func:`hd95` scores a missing structure with it."""
+    sp = _spacing(spacing, len(shape))
+    return float(np.sqrt(np.sum(((np.asarray(shape, dtype=np.float64) - 1) * sp) ** 2)))
+
+
 def dice(seg_a: Tensor, seg_b: Tensor, labels: Sequence[int]) -> Tensor:
     """Dice overlap ``2|A∩B| / (|A| + |B|)`` for each label.
 
@@ -47,7 +74,8 @@ def dice(seg_a: Tensor, seg_b: Tensor, labels: Sequence[int]) -> Tensor:
         seg_a, seg_b: integer label maps ``(B, 1, *spatial)``.
         labels: label ids to score (background is usually left out).
     Returns:
-        ``(B, len(labels))`` float tensor; NaN where a label is absent from both maps (use ``nanmean``).
+        ``(B, len(labels))`` float tensor: 0 where a label is in one map only (a missing structure is a
+        failure), NaN where a label is absent from both maps (excluded: average with ``nanmean``).
     """
     _check_segs(seg_a, seg_b)
     labels = torch.as_tensor(list(labels), device=seg_a.device)
@@ -77,17 +105,23 @@ def hd95(seg_a: Tensor, seg_b: Tensor, labels: Sequence[int], spacing: float | S
         labels: label ids to score.
         spacing: mm per voxel, one number or one per spatial axis (default 1).
     Returns:
-        ``(B, len(labels))`` float tensor; NaN where a label is missing from either map.
+        ``(B, len(labels))`` float tensor in mm. A label present in one map only (e.g. a structure the warp wiped
+        out) scores :func:`max_distance` of the image, the worst value possible, as a failure (see the module
+        docstring); a label absent from both maps is NaN (excluded: average with ``nanmean``).
     """
     _check_segs(seg_a, seg_b)
     ndim = seg_a.dim() - 2
     sp = _spacing(spacing, ndim)
+    worst = max_distance(seg_a.shape[2:], sp)
     a_np, b_np = seg_a[:, 0].cpu().numpy(), seg_b[:, 0].cpu().numpy()
     out = np.full((a_np.shape[0], len(labels)), np.nan)
     for i in range(a_np.shape[0]):
         for j, lab in enumerate(labels):
             ma, mb = a_np[i] == lab, b_np[i] == lab
-            if not ma.any() or not mb.any():
+            in_a, in_b = bool(ma.any()), bool(mb.any())
+            if in_a != in_b:
+                out[i, j] = worst
+            if not (in_a and in_b):
                 continue
             sa, sb = _surface(ma), _surface(mb)
             d_ab = ndimage.distance_transform_edt(~sb, sampling=sp)[sa]
@@ -118,11 +152,17 @@ def jacobian_det(disp: Tensor) -> Tensor:
 
 
 def folding_percent(disp: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Percentage of voxels with ``J <= 0`` (optionally inside ``mask`` ``(B, 1, *spatial)``); returns ``(B,)``."""
+    """Percentage of voxels with ``J <= 0``; returns ``(B,)``.
+
+    Args:
+        disp: ``(B, ndim, *spatial)`` in voxels.
+        mask: optional ``(B, 1, *spatial)`` (non-zero = inside; ``ValueError`` for any other shape): only voxels
+            inside count; an empty mask gives 0.
+    """
     neg = (jacobian_det(disp) <= 0).float()
     if mask is None:
         return 100.0 * neg.flatten(1).mean(1)
-    m = mask[:, 0].bool().float()
+    m = _check_mask(mask, disp).float()
     return 100.0 * (neg * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)
 
 
@@ -135,12 +175,13 @@ def sd_log_jacobian(disp: Tensor, convention: str = "l2r", mask: Tensor | None =
         ``"plain"``: the textbook ``std(log|J|)`` over all voxels (``|J|`` clipped at 1e-9).
     Args:
         disp: ``(B, ndim, *spatial)`` in voxels.
-        mask: optional ``(B, 1, *spatial)``; only voxels inside it count (NLST scores inside the lung mask).
+        mask: optional ``(B, 1, *spatial)`` (non-zero = inside; ``ValueError`` for any other shape); only voxels
+            inside it count (NLST scores inside the lung mask).
     """
     check_options(convention, ("l2r", "plain"), "convention")
     jac = jacobian_det(disp)
     ndim = disp.shape[1]
-    m = torch.ones_like(jac, dtype=torch.bool) if mask is None else mask[:, 0].bool()
+    m = torch.ones_like(jac, dtype=torch.bool) if mask is None else _check_mask(mask, disp)
     if convention == "l2r":
         crop = (slice(None),) + (slice(2, -2),) * ndim
         jac, m = jac[crop], m[crop]
@@ -185,11 +226,20 @@ def tre(kp_fixed: Tensor, kp_moving: Tensor, disp: Tensor, spacing: float | Sequ
         spacing: mm per voxel.
     Returns:
         ``(N,)`` or ``(B, N)`` distances in mm, matching the keypoints' batching.
+    Raises:
+        ValueError: keypoints that are NaN/inf or outside the volume: every coordinate must lie in
+            ``[-0.5, n - 0.5]`` on an axis of ``n`` voxels (inside the outer faces of the border voxels); the
+            message says how many. Outside, ``disp`` would only be read from the border: a meaningless TRE.
     """
     ndim = check_disp(disp)
     kp_fixed, kp_moving = torch.as_tensor(kp_fixed), torch.as_tensor(kp_moving)
     if kp_fixed.shape != kp_moving.shape:
         raise ValueError(f"kp_fixed {tuple(kp_fixed.shape)} and kp_moving {tuple(kp_moving.shape)} must match")
+    if kp_fixed.dim() not in (2, 3) or kp_fixed.shape[-1] != ndim:
+        raise ValueError(f"keypoints must have shape (N, {ndim}) or (B, N, {ndim}) for a {ndim}D disp, "
+                         f"got {tuple(kp_fixed.shape)}")
+    for name, kp in (("kp_fixed", kp_fixed), ("kp_moving", kp_moving)):
+        check_keypoints(kp, disp.shape[2:], name)
     batched = kp_fixed.dim() == 3
     if not batched:
         kp_fixed, kp_moving = kp_fixed.unsqueeze(0), kp_moving.unsqueeze(0)

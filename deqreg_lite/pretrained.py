@@ -146,10 +146,13 @@ class HalfResolution(nn.Module):
         return tuple(max(2, int(s) // self.factor) for s in spatial)
 
     def downsample(self, fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
-        """The images as the wrapped method sees them: ``(B, 1, *spatial)`` -> ``(B, 1, *internal_size)``."""
-        if fixed.dim() < 4 or fixed.shape != moving.shape:
-            raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must be (B, 1, *spatial) "
-                             "images of the same shape")
+        """The images as the wrapped method sees them: ``(B, 1, *spatial)`` -> ``(B, 1, *internal_size)``.
+
+        The inputs are checked first, as the wrapped method would (:func:`deqreg_lite.methods._common.check_pair`):
+        same shape, floating point of the model's dtype, intensities in [0, 1]; ``ValueError`` otherwise."""
+        from .methods._common import check_pair
+
+        check_pair(fixed, moving, self.ndim, model=self.method)
         size = self.internal_size(fixed.shape[2:])
         return resize_image(fixed, size), resize_image(moving, size)
 

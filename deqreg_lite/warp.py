@@ -12,6 +12,7 @@ The functions are stateless; :class:`Warp` is a thin ``nn.Module`` wrapper, as i
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Sequence
 
@@ -70,7 +71,10 @@ def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding: str = "bo
 
     Args:
         image: ``(B, C, *spatial)``, or ``(1, C, *spatial)`` to share one image across the batch of ``disp``.
-            Integer tensors (label maps) need ``mode="nearest"`` and come back with their dtype.
+            Integer (and bool) tensors, i.e. label maps, need ``mode="nearest"`` and come back with their dtype
+            and their exact values: every output voxel is a copy of one input voxel (or 0 outside the image
+            with ``padding="zeros"``), for any int64 ID (the labels are never cast to float). Float images
+            with ``mode="nearest"`` are sampled as floats (the differentiable path).
         disp: ``(B, ndim, *spatial)`` displacement in voxels, channels in array-axis order.
         mode: ``"bilinear"`` (linear in 2D, trilinear in 3D) or ``"nearest"`` (for label maps).
         padding: ``"border"`` repeats edge values outside the image, ``"zeros"`` reads 0 there.
@@ -91,11 +95,47 @@ def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding: str = "bo
     is_label = not image.is_floating_point()
     if is_label and mode != "nearest":
         raise ValueError(f"integer image ({image.dtype}) needs mode='nearest'; bilinear would blend label values")
-    src = image.to(disp.dtype) if (is_label or image.dtype != disp.dtype) else image
-    out = F.grid_sample(src, _sampling_grid(disp), mode=mode, padding_mode=padding, align_corners=True)
     if is_label:
-        return out.round_().to(image.dtype)
+        return _warp_labels(image, disp, padding)
+    src = image.to(disp.dtype) if image.dtype != disp.dtype else image
+    out = F.grid_sample(src, _sampling_grid(disp), mode=mode, padding_mode=padding, align_corners=True)
     return out.to(image.dtype)
+
+
+#: Largest integer ``n`` such that every integer in ``[0, n]`` is exact in the dtype.
+_EXACT_INT = {torch.float64: 2 ** 53, torch.float32: 2 ** 24}
+
+
+@lru_cache(maxsize=8)
+def _index_image(shape: tuple[int, ...], offset: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``offset + flat voxel index`` as a ``(1, 1, *shape)`` image (read-only, cached)."""
+    n = math.prod(shape)
+    return torch.arange(offset, n + offset, device=device, dtype=dtype).view(1, 1, *shape)
+
+
+def _warp_labels(image: Tensor, disp: Tensor, padding: str) -> Tensor:
+    """Nearest-neighbour warp of an integer (or bool) label map that returns the input's exact values.
+
+    The *voxel index* is sampled, not the labels: ``grid_sample`` (mode ``"nearest"``) reads an image holding
+    the flat index of every voxel (``1 + index`` with ``padding="zeros"``, so that the 0 read outside the image
+    stays distinguishable and becomes label 0), and the labels are then
+    gathered at those indices. Casting the labels to float instead would round any ID above ``2**24``
+    (float32), e.g. 614454277 -> 614454272. The index image is float32 when every index is exact there
+    (up to ``2**24 - 1`` voxels), else float64; the chosen voxel is the one ``grid_sample`` picks for a float
+    image on the same grid.
+    """
+    b, c, *spatial = image.shape
+    n = math.prod(spatial)
+    zeros = padding == "zeros"
+    dt = disp.dtype if n + 1 <= _EXACT_INT.get(disp.dtype, 0) else torch.float64
+    index = _index_image(tuple(spatial), int(zeros), disp.device, dt).expand(b, 1, *spatial)
+    pos = F.grid_sample(index, _sampling_grid(disp.to(dt)), mode="nearest", padding_mode=padding,
+                        align_corners=True).view(b, 1, n).long()  # exact integers: no rounding needed
+    flat = image.reshape(b, c, n)
+    if not zeros:
+        return flat.gather(2, pos.expand(b, c, n)).view(b, c, *spatial)
+    out = flat.gather(2, (pos - 1).clamp_min_(0).expand(b, c, n)).masked_fill_(pos == 0, 0)
+    return out.view(b, c, *spatial)
 
 
 def compose(u: Tensor, v: Tensor) -> Tensor:

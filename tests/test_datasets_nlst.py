@@ -109,3 +109,35 @@ def test_mismatched_shapes_and_rows(nlst):
     np.savetxt(nlst / "keypointsTr/NLST_0102_0001.csv", np.zeros((2, 3)), delimiter=",")
     with pytest.raises(ValueError, match="rows"):
         ds[1]
+
+
+@pytest.mark.filterwarnings("ignore:NLST")
+def test_nan_or_outside_keypoints_name_the_file_and_the_count(nlst):
+    kp_file = nlst / "keypointsTr/NLST_0001_0001.csv"
+    good = np.loadtxt(kp_file, delimiter=",", ndmin=2)
+    nan = good.copy()
+    nan[[1, 3], 0] = np.nan
+    np.savetxt(kp_file, nan, delimiter=",", fmt="%.6f")
+    with pytest.raises(ValueError, match=r"NLST_0001_0001.csv: 2 of 5 keypoints hold NaN"):
+        read_keypoints(kp_file)
+    with pytest.raises(ValueError, match=r"NLST_0001_0001.csv: 2 of 5 keypoints hold NaN"):
+        NLST(nlst, split="train")[0]
+    out = good.copy()
+    out[2] = [12.0, 3.0, 3.0]  # axis 0 has 12 voxels: index 12 is outside
+    out[4] = [1.0, -2.0, 3.0]
+    np.savetxt(kp_file, out, delimiter=",", fmt="%.6f")
+    with pytest.raises(ValueError, match=r"NLST_0001_0001.csv: 2 of 5 keypoints lie outside the volume "
+                                         r"\(12, 14, 10\)"):
+        NLST(nlst, split="train")[0]
+
+
+@pytest.mark.filterwarnings("ignore:NLST. mapped the misspelt")
+@pytest.mark.filterwarnings("ignore:NLST. case NLST_0033")
+def test_an_already_normalised_volume_is_not_squashed_by_the_hu_window(nlst):
+    """Before: a [0, 1] volume went through the HU window and came out as a constant 0.667 image."""
+    rng = np.random.default_rng(2)
+    vol = rng.uniform(0.0, 1.0, size=(12, 14, 10)).astype(np.float32)
+    write_nifti(nlst / "imagesTr/NLST_0001_0000.nii.gz", vol)
+    with pytest.warns(UserWarning, match=r"NLST_0001_0000.nii.gz: intensities span.*not HU; used as stored"):
+        s = NLST(nlst, split="train")[0]
+    np.testing.assert_allclose(s["fixed"][0, 0].numpy(), vol, atol=1e-6)

@@ -147,3 +147,22 @@ def test_root_may_be_the_folder_above_an_archives_top_folder(tmp_path):
     make_l2r_oasis(tmp_path / "download" / "OASIS")
     ds = OASIS(tmp_path / "download", split="val", size=None)
     assert ds.root == tmp_path / "download" / "OASIS" and len(ds) == 2
+
+
+def test_a_0_255_volume_is_rescaled_with_a_warning_not_clipped_to_ones(l2r):
+    """Before: clamp(0, 1) made every voxel >= 1 of a 0..255 volume a 1 (99.94% ones here), silently."""
+    rng = np.random.default_rng(1)
+    path = l2r / "imagesTr/OASIS_0395_0000.nii.gz"
+    vol = np.rint(rng.uniform(0.0, 255.0, size=(12, 14, 10))).astype(np.float32)
+    write_nifti(path, vol)
+    with pytest.warns(UserWarning, match=r"OASIS_0395_0000.nii.gz: intensities span \[0, 255\], not \[0, 1\]; "
+                                         r"rescaled min-max"):
+        s = OASIS(l2r, split="val", size=None)[0]
+    x = s["fixed"][0, 0].numpy()
+    assert float((x == 1.0).mean()) < 0.01
+    np.testing.assert_allclose(x, (vol - vol.min()) / (vol.max() - vol.min()), atol=1e-6)
+    bad = vol.copy()
+    bad[0, 0, 0] = np.nan
+    write_nifti(path, bad)
+    with pytest.raises(ValueError, match=r"OASIS_0395_0000.nii.gz.*1 NaN or inf"):
+        OASIS(l2r, split="val", size=None)[0]

@@ -130,3 +130,57 @@ def test_resize_image_keeps_corners_and_linear_ramps():
     assert blurred.shape == (1, 1, 20, 20)
     with pytest.raises(ValueError, match="entries"):
         resize_image(ramp, (9,))
+
+
+# ------------------------------------------------------------------------------------------- exact label IDs
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+def test_nearest_warp_keeps_a_large_atlas_id():
+    """614454277 (an Allen mouse atlas ID) became 614454272 when labels were cast to float32."""
+    labels = torch.full((1, 1, 4, 5), 614454277, dtype=torch.int64)
+    labels[0, 0, 1, 2] = 7
+    out = warp(labels, torch.zeros(1, 2, 4, 5), mode="nearest")
+    assert out.dtype == torch.int64
+    assert torch.equal(out, labels)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.one_of(st.tuples(st.integers(1, 7), st.integers(1, 7)),
+                       st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5))),
+       batch=st.integers(1, 2), channels=st.integers(1, 2), seed=st.integers(0, 2 ** 31 - 1),
+       shift=st.lists(st.integers(-3, 3), min_size=3, max_size=3),
+       padding=st.sampled_from(["border", "zeros"]), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_nearest_warp_returns_exact_int64_ids(shape, batch, channels, seed, shift, padding, dtype):
+    """Identity and integer shifts copy int64 IDs up to 2**62 exactly (border: clamped index; zeros: 0 outside)."""
+    gen = torch.Generator().manual_seed(seed)
+    ndim = len(shape)
+    labels = torch.randint(-2 ** 62, 2 ** 62, (batch, channels, *shape), generator=gen, dtype=torch.int64)
+    zero = torch.zeros(batch, ndim, *shape, dtype=dtype)
+    assert torch.equal(warp(labels, zero, mode="nearest", padding=padding), labels)
+    shift = [k if n > 1 else 0 for k, n in zip(shift, shape)]  # a 1-voxel axis has no direction to move along
+    disp = zero.clone()
+    for i in range(ndim):
+        disp[:, i] = shift[i]
+    out = warp(labels, disp, mode="nearest", padding=padding)
+    assert out.dtype == torch.int64
+    src = [torch.arange(s) + shift[i] for i, s in enumerate(shape)]
+    inside = torch.ones(shape, dtype=torch.bool)
+    for i, s in enumerate(src):
+        ok = (s >= 0) & (s < shape[i])
+        inside &= ok.view(*([1] * i), -1, *([1] * (ndim - i - 1)))
+    expect = labels[(slice(None), slice(None)) + torch.meshgrid(
+        *[s.clamp(0, n - 1) for s, n in zip(src, shape)], indexing="ij")]
+    if padding == "zeros":
+        expect = expect.masked_fill(~inside, 0)
+    assert torch.equal(out, expect)
+
+
+def test_nearest_warp_float_and_bool_labels_keep_working(rng):
+    labels = torch.randint(0, 5, (2, 1, 9, 11), generator=rng)
+    disp = smooth_field((9, 11), 2.0, rng, batch=2).float() + 0.013
+    as_int = warp(labels, disp, mode="nearest")
+    assert torch.equal(warp(labels.float(), disp, mode="nearest"), as_int.float())
+    assert torch.equal(warp(labels == 3, disp, mode="nearest"), as_int == 3)
+    # one label map shared across a batch of displacements
+    assert torch.equal(warp(labels[:1], disp, mode="nearest")[1], warp(labels[:1], disp[1:], mode="nearest")[0])

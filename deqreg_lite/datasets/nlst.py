@@ -18,7 +18,12 @@ Quirks handled:
   of ``_0000`` matches row ``i`` of ``_0001``; an empty file gives ``(0, 3)``); unequal row counts are an error.
 
 Images: HU clipped to ``hu_window`` then mapped linearly to [0, 1]; arrays as stored (orientation headers are not
-trusted); spacing 1.5 mm. With ``size``, images are resampled trilinearly, masks by nearest neighbour (corners
+trusted); spacing 1.5 mm. A volume whose values already lie in [0, 1] (not HU: a CT in HU spans about -1000 to
++1000) is used as stored, with a ``UserWarning`` naming the file, since the window would squash it to a constant
+~0.67; NaN/inf voxels are a ``ValueError``.
+
+Keypoints: a row holding NaN/inf, or a keypoint outside its stored volume (any coordinate outside
+``[-0.5, n - 0.5]``), is a ``ValueError`` that names the file and says how many rows. With ``size``, images are resampled trilinearly, masks by nearest neighbour (corners
 aligned) and keypoints scaled by ``(m - 1) / (n - 1)`` per axis; spacing follows.
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._checks import check_options
+from .._checks import UNIT_RANGE_TOL, check_keypoints, check_options
 from ..config import data_dir
 from ._nifti import (check_files, find_root, check_shapes, load_array, missing_root_error, normalise_size, read_json,
                      resize_image, resize_label, scale_factors, scaled_spacing)
@@ -61,7 +66,10 @@ def normalise_nlst_name(path: str) -> tuple[str, str]:
 
 
 def read_keypoints(path: str | Path) -> np.ndarray:
-    """A headerless keypoint CSV as float32 ``(N, 3)`` (0-based voxel indices in array-axis order)."""
+    """A headerless keypoint CSV as float32 ``(N, 3)`` (0-based voxel indices in array-axis order).
+
+    ``ValueError`` naming the file and how many rows when a row holds NaN or inf (:class:`NLST` also checks that
+    every keypoint lies inside its volume)."""
     path = Path(path)
     text = path.read_text().strip()
     if not text:
@@ -72,6 +80,7 @@ def read_keypoints(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: expected a headerless CSV of 3 numbers per row ({exc})") from exc
     if kp.shape[1] != 3:
         raise ValueError(f"{path}: expected 3 columns per row, got {kp.shape[1]}")
+    check_keypoints(torch.from_numpy(kp), None, "keypoints", where=str(path))  # NaN / inf rows
     return kp.astype(np.float32)
 
 
@@ -164,9 +173,20 @@ class NLST(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
-    def _image(self, arr: np.ndarray) -> torch.Tensor:
-        lo, hi = self.hu_window
-        x = (np.clip(np.asarray(arr, dtype=np.float32), lo, hi) - lo) / (hi - lo)
+    def _image(self, arr: np.ndarray, where: Path) -> torch.Tensor:
+        x = np.asarray(arr, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise ValueError(f"NLST {where}: the image holds {int((~np.isfinite(x)).sum())} NaN or inf values")
+        vmin, vmax = float(x.min()), float(x.max())
+        if vmin >= -UNIT_RANGE_TOL and vmax <= 1.0 + UNIT_RANGE_TOL:
+            # already normalised, not HU: the HU window would map it to a near-constant ~0.67 image
+            warnings.warn(f"NLST {where}: intensities span [{vmin:.4g}, {vmax:.4g}], which is [0, 1], not HU; used "
+                          f"as stored (clipped to [0, 1]) instead of applying hu_window={self.hu_window}",
+                          UserWarning, stacklevel=3)
+            x = np.clip(x, 0.0, 1.0)
+        else:
+            lo, hi = self.hu_window
+            x = (np.clip(x, lo, hi) - lo) / (hi - lo)
         return resize_image(torch.from_numpy(x)[None, None], self.size).contiguous()
 
     def __getitem__(self, index: int) -> dict:
@@ -180,12 +200,14 @@ class NLST(Dataset):
             raise ValueError(f"NLST case {case}: {files['fixed_kp'].name} has {len(kps['fixed_kp'])} rows but "
                              f"{files['moving_kp'].name} has {len(kps['moving_kp'])}; rows must correspond")
         stored = arrays["fixed"].shape
+        for k in ("fixed_kp", "moving_kp"):
+            check_keypoints(torch.from_numpy(kps[k]), stored, "keypoints", where=str(files[k]))
         new = self.size if self.size is not None else stored
         factors = torch.from_numpy(scale_factors(stored, new).astype(np.float32))
         sample: dict = {"case": case, "ids": (f"{case}_0000", f"{case}_0001"), "labels": [],
                         "spacing": scaled_spacing(self.stored_spacing, stored, new)}
         for side in ("fixed", "moving"):
-            sample[side] = self._image(arrays[side])
+            sample[side] = self._image(arrays[side], files[side])
             mask = torch.from_numpy(np.asarray(arrays[f"{side}_mask"]) > 0)[None, None]
             sample[f"{side}_mask"] = resize_label(mask, self.size).contiguous()
             sample[f"{side}_kp"] = torch.from_numpy(kps[f"{side}_kp"]) * factors

@@ -28,7 +28,10 @@ data. Both the Learn2Reg and the neurite seg35 maps use the compact 1..35 number
 30 aseg IDs and seg35 values is not documented, so we do not guess one: with seg35 data use ``"seg35"`` (or your
 own subset). The segmentations are returned as stored; ``labels`` only says which values count.
 
-Images are used as stored (orientation headers are not trusted), clipped to [0, 1]; ``size`` resamples (corners
+Images are used as stored (orientation headers are not trusted). Both releases store intensities in about [0, 1]:
+values within [-0.05, 1.05] (the overshoot of preprocessed data) are clipped to [0, 1]. A volume outside that (e.g.
+0..255) is rescaled min-max to [0, 1] with a ``UserWarning`` naming the file, never clipped
+(:func:`deqreg_lite._checks.to_unit_range`); NaN/inf voxels are a ``ValueError``. ``size`` resamples (corners
 aligned, see :mod:`._nifti`) and ``spacing`` follows (1 mm stored by default).
 """
 from __future__ import annotations
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._checks import check_options
+from .._checks import check_options, to_unit_range
 from ..config import data_dir
 from ._nifti import (check_files, find_root, check_shapes, load_array, missing_root_error, normalise_size, read_json,
                      resize_image, resize_label, scaled_spacing)
@@ -255,8 +258,9 @@ class OASIS(Dataset):
         check_shapes({f"fixed {fr['id']}": f["image"], f"moving {mr['id']}": m["image"]}, "pair")
         stored = f["image"].shape
         sample: dict = {"layout": self.layout, "labels": list(self.labels), "ids": (fr["id"], mr["id"])}
+        recs = {"fixed": fr, "moving": mr}
         for name, arr in (("fixed", f), ("moving", m)):
-            x = torch.from_numpy(np.asarray(arr["image"], dtype=np.float32))[None, None].clamp_(0.0, 1.0)
+            x = torch.from_numpy(to_unit_range(arr["image"], f"OASIS {recs[name]['image']}"))[None, None]
             sample[name] = resize_image(x, self.size).contiguous()
             seg = torch.from_numpy(np.rint(np.asarray(arr["label"])).astype(np.int64))[None, None]
             sample[f"{name}_seg"] = resize_label(seg, self.size).contiguous()

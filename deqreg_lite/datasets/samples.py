@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import to_unit_range
 from ..config import samples_dir
 
 __all__ = ["SAMPLES", "available_samples", "load_sample", "sample_path", "lung_disp_from_velocity"]
@@ -80,11 +81,13 @@ def lung_disp_from_velocity(velocity: Tensor, shape: tuple[int, ...], steps: int
     return integrate_velocity(v, steps=steps)
 
 
-def _image(arr: np.ndarray, device: torch.device | str | None) -> Tensor:
+def _image(arr: np.ndarray, device: torch.device | str | None, where: str = "sample") -> Tensor:
+    """uint8 -> ``x / 255``; any other dtype must hold [0, 1] (else rescaled min-max with a warning, never clipped:
+    :func:`deqreg_lite._checks.to_unit_range`)."""
     if arr.dtype == np.uint8:
         x = torch.from_numpy(arr.astype(np.float32) / np.float32(255.0))
     else:
-        x = torch.from_numpy(arr.astype(np.float32)).clamp_(0.0, 1.0)
+        x = torch.from_numpy(to_unit_range(arr, where))
     return x[None, None].to(device)
 
 
@@ -123,8 +126,8 @@ def load_sample(name: str, device: torch.device | str | None = None) -> dict:
     labels = [int(v) for v in data["labels"]]
     sample: dict = {
         "name": name,
-        "fixed": _image(data["fixed"], device),
-        "moving": _image(data["moving"], device),
+        "fixed": _image(data["fixed"], device, f"{path} fixed"),
+        "moving": _image(data["moving"], device, f"{path} moving"),
         "fixed_seg": torch.from_numpy(data["fixed_seg"].astype(np.int64))[None, None].to(device),
         "moving_seg": torch.from_numpy(data["moving_seg"].astype(np.int64))[None, None].to(device),
         "spacing": tuple(float(s) for s in data["spacing"]),
@@ -148,7 +151,7 @@ def _lung_sample(data: dict, device: torch.device | str | None) -> dict:
     and coarse velocity (see the module docstring)."""
     from ..warp import warp
 
-    fixed = _image(data["fixed"], None)
+    fixed = _image(data["fixed"], None, "lung3d sample fixed")
     fixed_seg = torch.from_numpy(data["fixed_seg"].astype(np.int64))[None, None]
     true_disp = lung_disp_from_velocity(torch.from_numpy(data["velocity"].astype(np.float32))[None],
                                         tuple(data["fixed"].shape))

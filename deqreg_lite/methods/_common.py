@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_image
+from .._checks import check_image, check_image_dtype, check_unit_range
 from ..losses import Objective
 from ..nets import UNet
 from ..result import RegistrationResult
@@ -21,9 +21,16 @@ __all__ = ["check_pair", "check_steps", "check_count", "unet_apply", "rel_residu
 EPS = 1e-9  # as in deqreg_lite.solvers: ||phi_{t+1} - phi_t|| / (||phi_{t+1}|| + EPS)
 
 
-def check_pair(fixed: Tensor, moving: Tensor, ndim: int) -> None:
-    """``fixed`` and ``moving`` must be finite floating-point ``(B, 1, *spatial)`` tensors with ``ndim`` spatial
-    axes and the same shape; raises ``TypeError``/``ValueError`` saying what came."""
+def check_pair(fixed: Tensor, moving: Tensor, ndim: int, model: torch.nn.Module | None = None) -> None:
+    """Check the images given to a learned method; raises ``TypeError``/``ValueError`` saying what came.
+
+    ``fixed`` and ``moving`` must be finite ``(B, 1, *spatial)`` tensors with ``ndim`` spatial axes and the same
+    shape, floating point (integer/uint8 images: convert with ``.float()`` and scale), of the dtype of ``model``'s
+    parameters when ``model`` is given (float64 runs need ``model.double()``; nothing is converted silently), and
+    hold intensities in [0, 1] up to :data:`~deqreg_lite._checks.UNIT_RANGE_TOL` (1e-3) of rounding (other units,
+    0..255 or HU: the message says how to normalise).
+    """
+    param = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
     for name, x in (("fixed", fixed), ("moving", moving)):
         got = check_image(x, name)
         if got != ndim:
@@ -31,10 +38,13 @@ def check_pair(fixed: Tensor, moving: Tensor, ndim: int) -> None:
                              f"got {tuple(x.shape)}")
         if x.shape[1] != 1:
             raise ValueError(f"{name} must have one channel (B, 1, *spatial), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        check_image_dtype(x, name, None if param is None else param.dtype)
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must have the same shape")
+    if fixed.dtype != moving.dtype:
+        raise ValueError(f"fixed ({fixed.dtype}) and moving ({moving.dtype}) must have the same dtype")
+    check_unit_range(fixed, "fixed")
+    check_unit_range(moving, "moving")
 
 
 def check_steps(steps: int | None, default: int) -> int:

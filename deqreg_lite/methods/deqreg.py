@@ -105,7 +105,7 @@ class DEQReg(RegistrationMethod):
                 return_states: bool = False) -> RegistrationResult:
         """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)``): the trained solve (``steps=None``) or exactly
         ``steps`` solver steps, the last one returned. ``disp`` ``(B, ndim, *spatial)``."""
-        check_pair(fixed, moving, self.ndim)
+        check_pair(fixed, moving, self.ndim, model=self)
         exact = steps is not None
         n = check_steps(steps, self.T)
         clock = Clock(fixed)
@@ -131,7 +131,7 @@ class DEQReg(RegistrationMethod):
         (``K (S + 1)`` calls with a graph), ``steps``, ``residual`` (relative residual of ``phi*``),
         ``converged``, ``diverged``, ``n_padded`` (states padded with ``phi*`` after an early stop).
         """
-        check_pair(fixed, moving, self.ndim)
+        check_pair(fixed, moving, self.ndim, model=self)
         g = self.update_map(fixed, moving)
         with torch.no_grad():
             z_star, states, dinfo = self.deq(g, self._zeros(fixed))

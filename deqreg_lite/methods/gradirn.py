@@ -110,7 +110,7 @@ class GraDIRN(RegistrationMethod):
         """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)``); ``steps`` (default ``steps_per_level``) is the
         number of steps at the highest level. Works under ``torch.no_grad()`` (the similarity gradient enables grad
         locally)."""
-        check_pair(fixed, moving, self.ndim)
+        check_pair(fixed, moving, self.ndim, model=self)
         steps = check_steps(steps, self.steps_per_level)
         clock = Clock(fixed)
         disp, phis, info = self._iterate(fixed, moving, steps, return_states)
@@ -120,7 +120,7 @@ class GraDIRN(RegistrationMethod):
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:
         """BPTT through every level's steps, loss on the final full-resolution field only."""
-        check_pair(fixed, moving, self.ndim)
+        check_pair(fixed, moving, self.ndim, model=self)
         disp, _, info = self._iterate(fixed, moving, self.steps_per_level, keep=False)
         loss = loss_fn(fixed, moving, disp)
         backward(loss)

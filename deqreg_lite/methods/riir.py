@@ -99,7 +99,7 @@ class RIIR(RecurrentMethod):
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:
         """BPTT through ``T`` steps with the normalised Eq. 4 weights on every step's loss."""
-        check_pair(fixed, moving, self.ndim)
+        check_pair(fixed, moving, self.ndim, model=self)
         _, phis, residuals = self._iterate(fixed, moving, self.T, keep=True)
         losses = [loss_fn(fixed, moving, p) for p in phis]
         loss = sum(w * l for w, l in zip(riir_weights(self.T), losses))

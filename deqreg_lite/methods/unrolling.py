@@ -49,7 +49,7 @@ class RecurrentMethod(RegistrationMethod):
     def forward(self, fixed: Tensor, moving: Tensor, steps: Optional[int] = None,
                 return_states: bool = False) -> RegistrationResult:
         """Register ``moving`` to ``fixed`` (both ``(B, 1, *spatial)``) in ``steps`` (default ``T``) updates."""
-        check_pair(fixed, moving, self.ndim)
+        check_pair(fixed, moving, self.ndim, model=self)
         steps = check_steps(steps, self.T)
         clock = Clock(fixed)
         disp, phis, residuals = self._iterate(fixed, moving, steps, return_states)
@@ -81,7 +81,7 @@ class Unrolling(RecurrentMethod):
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:
         """BPTT through ``T`` steps, loss on ``phi_T`` only."""
-        check_pair(fixed, moving, self.ndim)
+        check_pair(fixed, moving, self.ndim, model=self)
         disp, _, residuals = self._iterate(fixed, moving, self.T, keep=False)
         loss = loss_fn(fixed, moving, disp)
         backward(loss)

@@ -35,7 +35,7 @@ class VoxelMorph(RegistrationMethod):
     def forward(self, fixed: Tensor, moving: Tensor, steps: int | None = None,
                 return_states: bool = False) -> RegistrationResult:
         """Register ``moving`` to ``fixed`` (both ``(B, 1, *spatial)``); ``disp`` is ``(B, ndim, *spatial)``."""
-        check_pair(fixed, moving, self.ndim)
+        check_pair(fixed, moving, self.ndim, model=self)
         if check_steps(steps, 1) != 1:
             raise ValueError(f"VoxelMorph is a one-step method: steps must be None or 1, got {steps!r}")
         clock = Clock(fixed)
@@ -47,7 +47,7 @@ class VoxelMorph(RegistrationMethod):
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:
         """``loss_fn(fixed, moving, UNet([fixed, moving]))``, back-propagated with ``backward``."""
-        check_pair(fixed, moving, self.ndim)
+        check_pair(fixed, moving, self.ndim, model=self)
         loss = loss_fn(fixed, moving, self._disp(fixed, moving))
         backward(loss)
         return {"loss": float(loss.detach()), "steps": 1.0, "nfe": 1.0}
