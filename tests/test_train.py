@@ -469,3 +469,32 @@ def test_diverging_displacement_raises_the_divergence_error(data):
     with pytest.raises(ValueError) as e:
         t.fit()
     assert not isinstance(e.value, tr.TrainingDivergedError)
+
+
+def test_a_real_sigint_during_the_optimizer_update_waits_for_the_iteration_to_finish(data, tmp_path):
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled by someone else here")
+    train, val = data
+    ref = straight_run(train, val)
+    run = tmp_path / "run"
+    kw = dict(checkpoint_dir=run, log_path=run / "log.jsonl", **COMMON)
+    t = tr.Trainer(make(), loss_fn, train, val, **kw)
+    real_step, calls = t.optimizer.step, []
+
+    def step_with_ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives in the middle of the update
+        return real_step(*a, **k)
+
+    t.optimizer.step = step_with_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert t.iteration == 3 and tr.load_checkpoint(run)["iteration"] == 3  # the update completed and was saved
+    resumed = tr.Trainer(make(), loss_fn, train, val, **kw)
+    resumed.resume()
+    resumed.fit()
+    assert equal(params(ref.method), params(resumed.method))
