@@ -200,8 +200,8 @@ def _dataset(args: argparse.Namespace, split: str, n: int | None = None):
         from .datasets import brain_pairs
 
         if split == "train":
-            return brain_pairs("train", n if n is not None else PRESETS["sample"]["train_pairs"], size, kinds=("brain", "inter"),
-                               seed=args.seed)
+            return brain_pairs("train", n if n is not None else PRESETS["sample"]["train_pairs"], size,
+                               kinds=("brain", "inter"), seed=args.seed)
         return brain_pairs(split, n if n is not None else PRESETS["sample"]["val_pairs"], size)
     root = _data_root(args.dataset, args.data_dir)
     try:

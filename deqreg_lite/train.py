@@ -74,7 +74,8 @@ from tqdm.auto import tqdm
 from .config import default_device, seed_everything
 
 __all__ = ["Trainer", "TrainingDivergedError", "RunExistsError", "save_checkpoint", "load_checkpoint", "load_method",
-           "get_rng_state", "set_rng_state", "batch_indices", "read_log", "CHECKPOINT_FORMAT"]
+           "existing_run_files", "remove_stale_temps", "get_rng_state", "set_rng_state", "batch_indices", "read_log",
+           "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "deqreg_lite.checkpoint"
 CHECKPOINT_VERSION = 1
