@@ -34,8 +34,9 @@ Nothing a user has made is lost
   ``lr``), which is stored in the checkpoints; the training log's ``lr`` column shows the rate actually used.
 * ``KeyboardInterrupt`` (Ctrl-C) inside :meth:`Trainer.fit` writes ``last.pt`` of the last completed iteration
   (an interrupted iteration is rolled back: its RNG draws are undone, its gradients dropped), then re-raises.
-  Resuming from it gives the same result as an uninterrupted run. Only an interrupt that lands inside the
-  optimizer's update itself leaves ``last.pt`` as it was (a warning says so).
+  Resuming from it gives the same result as an uninterrupted run. A real Ctrl-C (SIGINT, main thread) that
+  arrives during the optimizer's update is held until the iteration is done; only a ``KeyboardInterrupt`` raised
+  by code inside the update itself leaves ``last.pt`` as it was (a warning says so).
 * ``last.pt`` is also written before each validation, so an error in validation loses no training; a checkpoint
   whose validation did not complete is validated again when the run is resumed.
 * A checkpoint is written to ``.<name>.tmp`` in the same folder, then renamed; a temporary file left by a killed
