@@ -5,18 +5,92 @@
   ``--out`` (``last.pt``, ``best.pt``, ``log.jsonl``, ``run.json``), ``--resume`` from ``OUT/last.pt``; ends with a
   Table 1 row on the validation pairs. Runs data-parallel under ``torchrun`` (:mod:`deqreg_lite.distributed`).
 * ``evaluate``: a checkpoint on a dataset's evaluation pairs, printed (and saved) as a markdown Table 1.
+
+Every bad argument (a number out of range, a non-number, an unknown method, dataset, device or path) ends with
+``error: ...`` on stderr and exit code 2, never a traceback; ``0`` is never read as "the default" (where 0 has a
+meaning, the help says it; elsewhere it is refused). ``train`` refuses a run folder that holds an earlier run
+unless ``--resume`` or ``--overwrite``; Ctrl-C saves ``last.pt`` and exits with code 130 and the command to resume;
+a diverging run ends with ``error: training diverged ...`` and exit code 1.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["main"]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# argument types: a bad value is an argparse error (``error: argument --x: ...``, exit code 2)
+# ---------------------------------------------------------------------------------------------------------------
+def _int_type(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return integer
+
+
+def _float_type(minimum: float, strict: bool):
+    """An argparse type: a finite number > ``minimum`` (``strict``) or >= ``minimum``."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {minimum:g}, "
+                                             f"got {text}")
+        return value
+
+    return number
+
+
+def _device_type(text: str) -> str:
+    """An argparse type: a torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (try cpu or cuda)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (try cpu or cuda)")
+    return text
+
+
+_POS_INT, _NONNEG_INT = _int_type(1), _int_type(0)
+_POS_FLOAT, _NONNEG_FLOAT = _float_type(0.0, strict=True), _float_type(0.0, strict=False)
+
+
 def _demo(args: argparse.Namespace) -> int:
+    try:
+        return _demo_run(args)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _demo_run(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,9 +102,22 @@ def _demo(args: argparse.Namespace) -> int:
     from .evaluate import format_table, pair_metrics
     from .viz import registration_figure
 
+    from .pretrained import PRETRAINED
+
+    learned = [] if args.sample != "brain2d" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in learned if m not in PRETRAINED]
+    if unknown:
+        raise CLIError(f"--methods: unknown pretrained method(s) {unknown}; choose from {list(PRETRAINED)}")
+    fig_path = Path(args.out)
+    if fig_path.is_dir():
+        raise CLIError(f"--out {fig_path} is a folder; give a file name such as {fig_path / 'demo.png'}")
+    try:
+        fig_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out: cannot create the folder {fig_path.parent} ({e.strerror or e})") from e
     seed_everything(args.seed)
     sample = load_sample(args.sample)
-    iterations = args.iterations or by_mode(quick=60, default=150)
+    iterations = args.iterations if args.iterations is not None else by_mode(quick=60, default=150)
     print(f"deqreg_lite demo: registration of the shipped '{args.sample}' pair "
           f"{tuple(sample['fixed'].shape[2:])}, {sample['ids'][1]} -> {sample['ids'][0]}")
     print(f"  optimizer={args.optimizer} lam={args.lam} iterations={iterations} levels={args.levels}")
@@ -40,7 +127,6 @@ def _demo(args: argparse.Namespace) -> int:
     result = register(sample["fixed"], sample["moving"], lam=args.lam, iterations=iterations,
                       optimizer=args.optimizer, lr=args.lr, levels=args.levels, progress=not args.no_progress)
     rows["classical GD"] = {**pair_metrics(sample, result.disp), "time_s": time.perf_counter() - t0}
-    learned = [] if args.sample != "brain2d" else [m for m in args.methods.split(",") if m]
     if learned:
         from .pretrained import load_pretrained
 
@@ -61,12 +147,13 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\nmean Dice {rows['identity']['dice']:.3f} -> {rows['classical GD']['dice']:.3f} "
           f"(+{gain:.1f} points); SDlogJ uses the Learn2Reg convention (sdlogj_plain: "
           f"{rows['classical GD']['sdlogj_plain']:.3f})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig = registration_figure(sample["fixed"], sample["moving"], result.disp,
                               title=f"classical registration, Dice {rows['classical GD']['dice']:.3f}")
-    fig.savefig(out, dpi=110)
-    print(f"figure saved to {out}")
+    try:
+        fig.savefig(fig_path, dpi=110)
+    except (OSError, ValueError) as e:  # unwritable, or an extension matplotlib does not know
+        raise CLIError(f"--out: cannot save the figure to {fig_path} ({e})") from e
+    print(f"figure saved to {fig_path}")
     return 0
 
 
@@ -113,9 +200,9 @@ def _dataset(args: argparse.Namespace, split: str, n: int | None = None):
         from .datasets import brain_pairs
 
         if split == "train":
-            return brain_pairs("train", n or PRESETS["sample"]["train_pairs"], size, kinds=("brain", "inter"),
-                               seed=args.seed)
-        return brain_pairs(split, n or PRESETS["sample"]["val_pairs"], size)
+            return brain_pairs("train", n if n is not None else PRESETS["sample"]["train_pairs"], size,
+                               kinds=("brain", "inter"), seed=args.seed)
+        return brain_pairs(split, n if n is not None else PRESETS["sample"]["val_pairs"], size)
     root = _data_root(args.dataset, args.data_dir)
     try:
         if args.dataset == "oasis":
@@ -177,6 +264,7 @@ def _train(args: argparse.Namespace) -> int:
     from . import distributed as D
     from .config import seed_everything
     from .methods import RegistrationLoss, build_method
+    from .train import TrainingDivergedError, existing_run_files
 
     info = D.init_from_env()
     main_rank = D.is_main()
@@ -185,13 +273,23 @@ def _train(args: argparse.Namespace) -> int:
         preset = _fill_defaults(args)
         out = Path(args.out or f"runs/{args.dataset}-{args.method}")
         last = out / "last.pt"
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"--out {out} is a file, not a folder")
+        if args.resume and args.overwrite:
+            raise CLIError("--resume and --overwrite exclude each other: --resume continues the run in --out, "
+                           "--overwrite replaces it")
         if args.resume and not last.is_file():
             raise CLIError(f"--resume: no checkpoint at {last}")
+        if not args.resume and not args.overwrite:
+            found = existing_run_files(out, out / "log.jsonl") + [p for p in [out / "run.json"] if p.is_file()]
+            if found:
+                raise CLIError(f"{out} already holds a run ({', '.join(p.name for p in found)}): pass --resume to "
+                               "continue it, --overwrite to replace it, or another --out")
         train_data = _dataset(args, "train")
         val_n = args.val_pairs if args.val_pairs is not None else preset["val_pairs"]
         val_data = None if val_n == 0 else _dataset(args, preset["eval_split"] if args.dataset == "sample" else
                                                      "val", val_n)
-        batch_size = args.batch_size or preset["batch_size"]
+        batch_size = args.batch_size if args.batch_size is not None else preset["batch_size"]
         per_epoch = max(1, math.ceil(len(train_data) / batch_size))
         if args.iterations is not None:
             iterations = args.iterations
@@ -204,7 +302,15 @@ def _train(args: argparse.Namespace) -> int:
         val_every = args.val_every if args.val_every is not None else (
             250 if args.dataset == "sample" else per_epoch)
         lam = args.lam if args.lam is not None else preset["lam"]
-        lr = args.lr if args.lr is not None else preset["lr"]
+        if args.lr is not None:
+            lr = args.lr
+        elif args.resume:  # keep the run's learning rate (a given --lr replaces it, and is recorded)
+            from .train import load_checkpoint
+
+            groups = (load_checkpoint(last, "cpu").get("optimizer") or {}).get("param_groups") or [{}]
+            lr = float(groups[0].get("lr", preset["lr"]))
+        else:
+            lr = preset["lr"]
         kwargs = _method_kwargs(args.method, args)
         seed_everything(args.seed)
         method = build_method(args.method, preset["ndim"], **kwargs)
@@ -215,13 +321,18 @@ def _train(args: argparse.Namespace) -> int:
             val_every=val_every, val_steps=args.steps, checkpoint_dir=out,
             checkpoint_every=args.checkpoint_every if args.checkpoint_every is not None else (val_every or None),
             log_every=args.log_every, seed=args.seed, device=device, amp=args.amp, grad_clip=args.grad_clip,
-            progress=not args.no_progress, log_path=out / "log.jsonl")
+            progress=not args.no_progress, log_path=out / "log.jsonl", overwrite=args.overwrite)
         if args.resume:
-            trainer.resume(last)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                trainer.resume(last)
+            for w in caught:  # the lr change is reported in the banner below
+                if "with lr=" not in str(w.message):
+                    say(f"warning: {w.message}", file=sys.stderr)
             if trainer.iteration > iterations:
                 raise CLIError(f"--resume: the checkpoint is at iteration {trainer.iteration}, beyond --iterations "
                                f"{iterations}")
-    except CLIError as e:
+    except (CLIError, ValueError, TypeError) as e:  # ValueError / TypeError: an option a constructor refused
         if main_rank:
             print(f"error: {e}", file=sys.stderr)
         D.cleanup()
@@ -230,15 +341,34 @@ def _train(args: argparse.Namespace) -> int:
            "data_dir": args.data_dir, "layout": getattr(args, "layout", None), "lam": lam, "lr": lr,
            "batch_size": batch_size, "iterations": iterations, "seed": args.seed, "amp": args.amp,
            "world_size": D.world_size(), "val_pairs": val_n}
+    lr_note = ""
+    if args.resume:
+        previous = _read_run(out / "run.json")
+        run["resumed_at"] = list(previous.get("resumed_at", [])) + [trainer.iteration]
+        run["lr_changes"] = list(trainer.lr_changes)  # {iteration, previous, lr}: every lr a resume applied
+        if trainer.lr_changes and trainer.lr_changes[-1]["iteration"] == trainer.iteration:
+            lr_note = f" (changed from {trainer.lr_changes[-1]['previous']:g} at iteration {trainer.iteration})"
     say(f"deqreg_lite train: {args.method} {kwargs} on {args.dataset} {tuple(args.size)}, {len(train_data)} training "
-        f"pairs, batch {batch_size} x {iterations} iterations ({iterations / per_epoch:.2f} epochs), AdamW lr {lr:g}, "
-        f"lambda {lam:g} (voxel units), {D.world_size()} process(es) on {trainer.device}"
+        f"pairs, batch {batch_size} x {iterations} iterations ({iterations / per_epoch:.2f} epochs), AdamW lr {lr:g}"
+        f"{lr_note}, lambda {lam:g} (voxel units), {D.world_size()} process(es) on {trainer.device}"
         + (f"; resumed at iteration {trainer.iteration}" if args.resume else ""))
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     t0 = time.perf_counter()
-    trainer.fit()
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        if main_rank:
+            print(f"\ninterrupted: {last} holds iteration {_load_iteration(last)}; continue with the same command "
+                  "and --resume", file=sys.stderr)
+        D.cleanup()
+        return 130
+    except TrainingDivergedError as e:
+        if main_rank:
+            print(f"error: {e}", file=sys.stderr)
+        D.cleanup()
+        return 1
     say(f"trained to iteration {trainer.iteration} in {time.perf_counter() - t0:.1f} s; checkpoint {last}, "
         f"log {out / 'log.jsonl'}")
     if main_rank and val_data is not None and not args.no_eval:
@@ -249,6 +379,27 @@ def _train(args: argparse.Namespace) -> int:
         print(text)
     D.cleanup()
     return 0
+
+
+def _read_run(path: Path) -> dict:
+    """The run record ``run.json`` ({} when absent or unreadable)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _load_iteration(path: Path) -> int | str:
+    """The iteration a checkpoint holds ("none" if it cannot be read)."""
+    from .train import load_checkpoint
+
+    try:
+        return int(load_checkpoint(path)["iteration"])
+    except (OSError, ValueError, KeyError):
+        return "none"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -276,6 +427,16 @@ def _evaluate(args: argparse.Namespace) -> int:
             args.layout = run.get("layout")
         args.seed = 0
         preset = _fill_defaults(args)
+        if args.out is not None:
+            if Path(args.out).is_dir():
+                raise CLIError(f"--out {args.out} is a folder; give a file name such as {Path(args.out) / 'table.md'}")
+            try:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise CLIError(f"--out: cannot create the folder {Path(args.out).parent} ({e.strerror or e})") from e
+        if args.disp_dir is not None and preset["ndim"] != 3:
+            raise CLIError(f"--disp-dir writes Learn2Reg 3D displacement files; {args.dataset} is "
+                           f"{preset['ndim']}D")
         try:
             method = load_method(ckpt, args.device)
         except (ValueError, FileNotFoundError) as e:
@@ -285,7 +446,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                            f"{preset['ndim']}D")
         split = args.split or preset["eval_split"]
         pairs = _dataset(args, split, args.pairs if args.pairs is not None else preset["val_pairs"])
-    except CLIError as e:
+    except (CLIError, ValueError, TypeError) as e:  # ValueError / TypeError: an option a loader refused
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"deqreg_lite evaluate: {method.name} from {ckpt} on {args.dataset} {split} ({len(pairs)} pairs, "
@@ -310,10 +471,12 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--data-dir", default=None,
                    help="dataset folder (default: $DEQREG_DATA_DIR/OASIS or /NLST, i.e. ~/.deqreg_lite/data/...)")
     p.add_argument("--layout", default=None, help="OASIS folder layout (passed to the OASIS loader)")
-    p.add_argument("--size", type=int, nargs="+", default=None,
+    p.add_argument("--size", type=_POS_INT, nargs="+", default=None,
                    help="image size (2 numbers for sample, 3 for oasis/nlst; default per dataset: PRESETS)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu (torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the method's trained count)")
+    p.add_argument("--device", type=_device_type, default=None,
+                   help="default: cuda when available, else cpu (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--steps", type=_POS_INT, default=None,
+                   help="inference steps, >= 1 (default: the method's trained count)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,13 +485,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="register the shipped 2D brain pair and print a metrics table")
     demo.add_argument("--sample", default="brain2d", choices=["brain2d", "brain3d"])
     demo.add_argument("--optimizer", default="adam", choices=["adam", "gd"])
-    demo.add_argument("--lam", type=float, default=3.0, help="diffusion weight (displacements in voxels)")
-    demo.add_argument("--lr", type=float, default=None, help="step size (default: the optimizer's default)")
-    demo.add_argument("--iterations", type=int, default=None, help="per resolution level; default 150, or 60 in quick mode")
-    demo.add_argument("--levels", type=int, default=2, help="resolution levels")
+    demo.add_argument("--lam", type=_NONNEG_FLOAT, default=3.0,
+                      help="diffusion weight, >= 0 (displacements in voxels)")
+    demo.add_argument("--lr", type=_POS_FLOAT, default=None, help="step size, > 0 (default: the optimizer's default)")
+    demo.add_argument("--iterations", type=_NONNEG_INT, default=None,
+                      help="per resolution level (0: no optimisation, the identity); default 150, or 60 in quick mode")
+    demo.add_argument("--levels", type=_POS_INT, default=2, help="resolution levels, >= 1")
     demo.add_argument("--methods", default="voxelmorph,unrolling,gradirn,riir,deqreg12,deqreg",
                       help="pretrained learned methods to add to the table (comma-separated; '' for none)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_NONNEG_INT, default=0)
     demo.add_argument("--out", default="outputs/demo.png", help="where to save the figure")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(func=_demo)
@@ -341,24 +506,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(train, required=True)
     train.add_argument("--method", required=True, choices=sorted(METHODS))
     its = train.add_mutually_exclusive_group()
-    its.add_argument("--iterations", type=int, default=None, help="total iterations (optimizer steps)")
-    its.add_argument("--epochs", type=int, default=None, help="epochs over the training pairs (paper: 100)")
-    train.add_argument("--batch-size", type=int, default=None, help="global batch (split across torchrun ranks)")
-    train.add_argument("--lr", type=float, default=None, help="AdamW learning rate (paper: 1e-4)")
-    train.add_argument("--lam", type=float, default=None, help="diffusion weight in voxel units (default per dataset)")
-    train.add_argument("--T", type=int, default=None, help="iterations (deqreg: 48, deqreg12: 12; unrolling, riir)")
-    train.add_argument("--S", type=int, default=None, help="DEQReg phantom-gradient steps (deqreg: 3)")
-    train.add_argument("--gamma", type=float, default=None, help="DEQReg damping (0.5)")
+    its.add_argument("--iterations", type=_NONNEG_INT, default=None,
+                     help="total iterations (optimizer steps; 0: none, the untrained model is saved and evaluated)")
+    its.add_argument("--epochs", type=_NONNEG_INT, default=None,
+                     help="epochs over the training pairs (paper: 100; 0: none)")
+    train.add_argument("--batch-size", type=_POS_INT, default=None,
+                       help="global batch, >= 1 (split across torchrun ranks)")
+    train.add_argument("--lr", type=_POS_FLOAT, default=None,
+                       help="AdamW learning rate, > 0 (paper: 1e-4). With --resume: default the run's; a new value "
+                            "is applied from the checkpoint's iteration on and recorded in run.json (lr_changes)")
+    train.add_argument("--lam", type=_NONNEG_FLOAT, default=None,
+                       help="diffusion weight in voxel units, >= 0 (default per dataset)")
+    train.add_argument("--T", type=_POS_INT, default=None,
+                       help="iterations, >= 1 (deqreg: 48, deqreg12: 12; unrolling, riir)")
+    train.add_argument("--S", type=_NONNEG_INT, default=None,
+                       help="DEQReg phantom-gradient steps (deqreg: 3; 0: none)")
+    train.add_argument("--gamma", type=_NONNEG_FLOAT, default=None, help="DEQReg damping (0.5)")
     train.add_argument("--out", default=None, help="run folder (default runs/DATASET-METHOD)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in OUT (refused without it: last.pt, best.pt, log.jsonl, run.json)")
+    train.add_argument("--seed", type=_NONNEG_INT, default=0)
     train.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    train.add_argument("--grad-clip", type=float, default=None)
-    train.add_argument("--val-every", type=int, default=None,
+    train.add_argument("--grad-clip", type=_POS_FLOAT, default=None, help="clip the gradient norm to this, > 0")
+    train.add_argument("--val-every", type=_NONNEG_INT, default=None,
                        help="validate every N iterations (default: each epoch; 250 for sample; 0: only at the end)")
-    train.add_argument("--val-pairs", type=int, default=None, help="validation pairs (default: all; 9 for sample)")
-    train.add_argument("--checkpoint-every", type=int, default=None, help="default: --val-every")
-    train.add_argument("--log-every", type=int, default=10)
+    train.add_argument("--val-pairs", type=_NONNEG_INT, default=None,
+                       help="validation pairs (default: all; 9 for sample; 0: no validation)")
+    train.add_argument("--checkpoint-every", type=_NONNEG_INT, default=None,
+                       help="write last.pt every N iterations (default: --val-every; 0: only around validations "
+                            "and at the end)")
+    train.add_argument("--log-every", type=_POS_INT, default=10, help="iterations per log row, >= 1")
     train.add_argument("--no-eval", action="store_true", help="skip the final Table 1 row")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_train)
@@ -367,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True, help="a .pt file, or a run folder holding last.pt")
     _add_data_args(ev, required=False)
     ev.add_argument("--split", default=None, help="default: val (oasis, nlst), test (sample)")
-    ev.add_argument("--pairs", type=int, default=None, help="number of pairs (default: all; 9 for sample)")
+    ev.add_argument("--pairs", type=_POS_INT, default=None, help="number of pairs, >= 1 (default: all; 9 for sample)")
     ev.add_argument("--no-memory", action="store_true", help="skip the training-step memory/time measurement")
     ev.add_argument("--out", default=None, help="also write the table to this markdown file")
     ev.add_argument("--disp-dir", default=None,
@@ -378,7 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # outside training (which saves and says how to resume): just stop, no traceback
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -193,7 +193,8 @@ def load_pretrained(name: str, device: str | torch.device | None = None,
     Returns:
         a :class:`HalfResolution` around the method (which works at 80 x 96 internally).
     Raises:
-        ValueError: unknown name (the message lists the names).
+        ValueError: unknown name (the message lists the names), or a corrupt or truncated checkpoint file (the
+            message names the file and says how to remake it; it never suggests ``weights_only=False``).
         FileNotFoundError: no checkpoint file (the message says how to make one).
     """
     from .methods import build_method
@@ -207,7 +208,11 @@ def load_pretrained(name: str, device: str | torch.device | None = None,
                                     f"`{_HOW.format(name=name)}` (or load_pretrained({name!r}, "
                                     "train_if_missing=True))")
         train_pretrained([name], out=path.parent)
-    ckpt = load_checkpoint(path, "cpu", name=name)
+    try:
+        ckpt = load_checkpoint(path, "cpu", name=name)
+    except ValueError as exc:  # corrupt / truncated / foreign file: the message names it; say how to remake it
+        raise ValueError(f"{exc}. To remake the pretrained {name!r} checkpoint, delete {path} and run "
+                         f"`{_HOW.format(name=name)}`") from None
     cfg = dict(ckpt["config"])
     ndim = cfg.pop("ndim", ckpt.get("ndim"))
     method = build_method(name, ndim, **cfg)

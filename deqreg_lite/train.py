@@ -24,6 +24,26 @@ Reproducibility
 * Validation runs inside a saved-and-restored RNG state, so validating (or not) never changes training.
 * So N iterations straight and N/2 + resume + N/2 give bit-identical parameters (on the same device and threads).
 
+Nothing a user has made is lost
+-------------------------------
+* A fresh :meth:`Trainer.fit` refuses a ``checkpoint_dir`` that already holds ``last.pt`` or ``best.pt``, or a
+  non-empty ``log_path`` (:class:`RunExistsError`), unless ``overwrite=True`` (the old ``last.pt``, ``best.pt``
+  and log are then replaced) or the run was resumed (:meth:`Trainer.resume`).
+* Resuming with another ``lr`` than the checkpoint's applies the new one to every optimizer parameter group (the
+  Adam moments are kept) and records the change in :attr:`Trainer.lr_changes` (``iteration``, ``previous``,
+  ``lr``), which is stored in the checkpoints; the training log's ``lr`` column shows the rate actually used.
+* ``KeyboardInterrupt`` (Ctrl-C) inside :meth:`Trainer.fit` writes ``last.pt`` of the last completed iteration
+  (an interrupted iteration is rolled back: its RNG draws are undone, its gradients dropped), then re-raises.
+  Resuming from it gives the same result as an uninterrupted run. A real Ctrl-C (SIGINT, main thread) that
+  arrives during the optimizer's update is held until the iteration is done; only a ``KeyboardInterrupt`` raised
+  by code inside the update itself leaves ``last.pt`` as it was (a warning says so).
+* ``last.pt`` is also written before each validation, so an error in validation loses no training; a checkpoint
+  whose validation did not complete is validated again when the run is resumed.
+* A checkpoint is written to ``.<name>.tmp`` in the same folder, then renamed; a temporary file left by a killed
+  process is replaced by the next save and removed when a run starts, so none accumulate.
+* A NaN or inf loss, or a NaN or inf displacement or loss term that a method's own input checks catch during
+  training (while the batch itself is finite), raises :class:`TrainingDivergedError` with advice.
+
 Checkpoint format (a ``dict`` written by :func:`save_checkpoint`, loadable with ``torch.load(weights_only=True)``)
 -------------------------------------------------------------------------------------------------------------
 ``format`` ("deqreg_lite.checkpoint"), ``version`` (1), ``name``, ``ndim``, ``config`` (``method.config()``),
@@ -41,7 +61,7 @@ import math
 import numbers
 import os
 import random
-import tempfile
+import re
 import time
 import warnings
 from pathlib import Path
@@ -54,8 +74,9 @@ from tqdm.auto import tqdm
 
 from .config import default_device, seed_everything
 
-__all__ = ["Trainer", "TrainingDivergedError", "save_checkpoint", "load_checkpoint", "load_method",
-           "get_rng_state", "set_rng_state", "batch_indices", "read_log", "CHECKPOINT_FORMAT"]
+__all__ = ["Trainer", "TrainingDivergedError", "RunExistsError", "save_checkpoint", "load_checkpoint", "load_method",
+           "existing_run_files", "remove_stale_temps", "get_rng_state", "set_rng_state", "batch_indices", "read_log",
+           "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "deqreg_lite.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -63,7 +84,49 @@ _MAX_EPOCH_SEED = 2**31
 
 
 class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or inf."""
+    """Training diverged: the loss, or a displacement the method computed from finite images, became NaN or inf.
+
+    The message names the iteration and gives the usual remedies: a lower learning rate, a larger
+    regularisation weight ``lam``, gradient clipping (``grad_clip``), and images normalised to [0, 1]. The
+    parameters are those before the failed update; ``last.pt`` (if any) holds the last checkpoint.
+    """
+
+
+class RunExistsError(FileExistsError):
+    """A fresh training run would replace an earlier run's checkpoints or log (pass ``overwrite=True``, or
+    :meth:`Trainer.resume` it)."""
+
+
+_RUN_FILES = ("last.pt", "best.pt")
+
+
+def existing_run_files(checkpoint_dir: str | os.PathLike | None, log_path: str | os.PathLike | None = None
+                       ) -> list[Path]:
+    """The files of an earlier run that a fresh run would replace: ``last.pt`` / ``best.pt`` in
+    ``checkpoint_dir`` and a non-empty ``log_path``."""
+    found = []
+    if checkpoint_dir is not None:
+        found += [Path(checkpoint_dir) / n for n in _RUN_FILES if (Path(checkpoint_dir) / n).is_file()]
+    if log_path is not None and Path(log_path).is_file() and Path(log_path).stat().st_size > 0:
+        found.append(Path(log_path))
+    return found
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temporary files that an interrupted :func:`save_checkpoint` left in ``folder`` (those of the
+    checkpoint file ``name`` only, when given). Returns the paths removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stem = re.escape(name) if name is not None else r"[^/]+\.pt"
+    pattern = re.compile(rf"\.{stem}(\.[A-Za-z0-9_]+)?\.tmp")  # ours: .NAME.tmp; older versions: .NAME.XXXX.tmp
+    removed = []
+    for p in folder.iterdir():
+        if pattern.fullmatch(p.name) and p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -127,7 +190,9 @@ def save_checkpoint(path: str | os.PathLike, method: nn.Module, optimizer: torch
                     iteration: int = 0, history: Sequence[Mapping] | None = None, rng: bool = True,
                     sampler: Mapping | None = None, scaler: Any = None, trainer: Mapping | None = None,
                     extra: Mapping | None = None) -> Path:
-    """Write a checkpoint atomically (temporary file in the same folder, then ``os.replace``).
+    """Write a checkpoint atomically (temporary file ``.<name>.tmp`` in the same folder, then ``os.replace``).
+
+    A temporary file of this checkpoint left by a killed process is removed first (it is never reused as data).
 
     Args:
         path: the checkpoint file (its folder is created).
@@ -161,9 +226,10 @@ def save_checkpoint(path: str | os.PathLike, method: nn.Module, optimizer: torch
         "extra": dict(extra) if extra is not None else {},
         "torch_version": str(torch.__version__),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent, path.name)
+    tmp = path.parent / f".{path.name}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
@@ -187,7 +253,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
             Pass False only for a trusted file whose ``config`` holds custom objects.
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file is not a deqreg_lite checkpoint, or holds a method other than ``name``.
+        ValueError: the file is corrupt or truncated, is not a deqreg_lite checkpoint, or holds a method other
+            than ``name`` (the message names the file).
     """
     path = Path(path)
     if path.is_dir():
@@ -196,7 +263,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
         near = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
         hint = f"; checkpoints in {path.parent}: {near}" if near else ""
         raise FileNotFoundError(f"no checkpoint at {path}{hint}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # pickle, zip, EOF and torch errors: one clear message naming the file
+        text = str(exc)
+        if weights_only and "Unsupported global" in text:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = found.group(1) if found else "a Python object"
+            raise ValueError(f"checkpoint {path} holds {what}, which is neither a tensor nor a plain value, so it "
+                             "is not loaded by default; if you made this file yourself and trust it, "
+                             "load_checkpoint(path, weights_only=False) reads it") from None
+        size = path.stat().st_size
+        raise ValueError(f"checkpoint {path} ({size} bytes) cannot be read: it is corrupt or truncated (an "
+                         f"interrupted copy or download?) [{type(exc).__name__}]; copy or make it again, or use "
+                         "another checkpoint of the run") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a deqreg_lite checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
     if name is not None and ckpt["name"] != name:
@@ -297,9 +379,12 @@ class Trainer:
         val_every: validate every this many iterations, and at the end (0 or None: only at the end; no
             ``val_data``: never).
         val_steps: inference steps for validation (None: the method's trained count).
-        checkpoint_dir: folder for ``last.pt`` (every ``checkpoint_every`` iterations and at the end of each
-            :meth:`fit`) and ``best.pt`` (the best validation Dice so far).
-        checkpoint_every: iterations between checkpoints (0 or None: only at the end of :meth:`fit`).
+        checkpoint_dir: folder for ``last.pt`` (every ``checkpoint_every`` iterations, before and after each
+            validation, on ``KeyboardInterrupt``, and at the end of each :meth:`fit`) and ``best.pt`` (the best
+            validation Dice so far). A fresh run refuses a folder that holds ``last.pt`` or ``best.pt``
+            (:class:`RunExistsError`) unless ``overwrite=True``; :meth:`resume` continues it.
+        checkpoint_every: iterations between checkpoints (0 or None: only at the end of :meth:`fit`, and around
+            validations).
         log_every: iterations averaged into one training row of the history and log.
         seed: seeds the data order, and the global RNGs at the start of a fresh run.
         device: default CUDA when available, else the CPU.
@@ -308,7 +393,10 @@ class Trainer:
         grad_clip: clip the gradients' global norm to this value (None: no clipping).
         progress: show a tqdm bar with the loss.
         log_path: a JSON-lines file; every history row is appended to it as it is made (``read_log`` reads it).
-            A fresh run starts it anew; :meth:`resume` rewrites it to the checkpoint's history.
+            A fresh run starts it anew (refused when it is not empty, unless ``overwrite=True``); :meth:`resume`
+            rewrites it to the checkpoint's history.
+        overwrite: let a fresh run replace an earlier run's ``last.pt``, ``best.pt`` and log (they are deleted
+            when :meth:`fit` starts).
 
     Attributes:
         history: list of dicts: training rows (``split="train"``, ``iteration``, ``loss`` and the other floats
@@ -317,6 +405,8 @@ class Trainer:
             and validation rows (``split="val"``, ``iteration``, ``dice``, ``dice_std``, ``folding_pct``,
             ``folding_pct_std``, ``sdlogj``, ``time_s``).
         iteration: iterations done so far.
+        lr_changes: list of ``{"iteration", "previous", "lr"}``: each time :meth:`resume` applied an ``lr``
+            other than the checkpoint's (kept across checkpoints).
         optimizer, scaler, device.
     """
 
@@ -325,7 +415,7 @@ class Trainer:
                  val_every: int | None = None, val_steps: int | None = None, checkpoint_dir: str | os.PathLike |
                  None = None, checkpoint_every: int | None = None, log_every: int = 10, seed: int = 0,
                  device: str | torch.device | None = None, amp: bool = False, grad_clip: float | None = None,
-                 progress: bool = True, log_path: str | os.PathLike | None = None) -> None:
+                 progress: bool = True, log_path: str | os.PathLike | None = None, overwrite: bool = False) -> None:
         if not isinstance(method, nn.Module) or not hasattr(method, "training_step"):
             raise TypeError(f"method must be a RegistrationMethod (an nn.Module with training_step), got "
                             f"{type(method).__name__}")
@@ -369,12 +459,16 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.log_path = Path(log_path) if log_path is not None else None
         self.progress = bool(progress)
+        self.overwrite = bool(overwrite)
+        self.lr_changes: list[dict] = []
         self.history: list[dict] = []
         self.iteration = 0
         self._started = False  # True once fit() ran or a checkpoint was resumed
         self._window: list[dict] = []
         self._best_dice = -math.inf
         self._last_val = -1
+        self._saved: tuple | None = None  # (iteration, len(history), last_val) of the last last.pt written
+        self._phase = "idle"  # where fit() is in an iteration: step, update, done, idle
 
     # -- options and state ------------------------------------------------------------------------------------
     def options(self) -> dict:
@@ -395,7 +489,7 @@ class Trainer:
                                         "position": self.iteration * self.batch_size},
                                scaler=self.scaler, trainer=self.options(),
                                extra={"best_dice": self._best_dice, "last_val": self._last_val,
-                                      "window": list(self._window)})
+                                      "window": list(self._window), "lr_changes": list(self.lr_changes)})
 
     def resume(self, path: str | os.PathLike | None = None) -> "Trainer":
         """Load a checkpoint of this method (model, optimizer, scaler, iteration, RNG states, history).
@@ -403,9 +497,14 @@ class Trainer:
         ``path`` defaults to ``checkpoint_dir / "last.pt"``. The log file, if any, is rewritten to hold exactly
         the checkpoint's history (rows written after the checkpoint, by a run that then crashed, are dropped).
 
+        The trainer's ``lr`` wins over the checkpoint's: when they differ, the optimizer's parameter groups are
+        set to this trainer's ``lr`` (its Adam moments are kept) and the change is appended to
+        :attr:`lr_changes` (and a ``UserWarning`` says so). A checkpoint whose validation did not complete (an
+        error or Ctrl-C in validation) is validated first by the next :meth:`fit`.
+
         Raises:
             FileNotFoundError: no checkpoint there.
-            ValueError: the checkpoint holds a different method.
+            ValueError: the checkpoint is unreadable, or holds a different method.
         """
         if path is None:
             if self.checkpoint_dir is None:
@@ -417,8 +516,18 @@ class Trainer:
             warnings.warn(f"the checkpoint's method config {ckpt['config']} differs from this method's {cfg}",
                           stacklevel=2)
         self.method.load_state_dict(ckpt["model"])
+        self.lr_changes = [dict(r) for r in (ckpt.get("extra") or {}).get("lr_changes", [])]
         if ckpt.get("optimizer") is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            previous = [float(g["lr"]) for g in self.optimizer.param_groups]
+            if any(p != self.lr for p in previous):
+                for g in self.optimizer.param_groups:
+                    g["lr"] = self.lr
+                self.lr_changes.append({"iteration": int(ckpt["iteration"]), "previous": previous[0],
+                                        "lr": self.lr})
+                warnings.warn(f"resuming {path} (iteration {ckpt['iteration']}) with lr={self.lr:g}; the "
+                              f"checkpoint's was {previous[0]:g}: training continues with lr={self.lr:g}",
+                              stacklevel=2)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         sampler = ckpt.get("sampler") or {}
@@ -436,6 +545,7 @@ class Trainer:
         if ckpt.get("rng") is not None:
             set_rng_state(ckpt["rng"])
         self._started = True
+        self._saved = None
         if self.log_path is not None:
             self._rewrite_log()
         return self
@@ -469,20 +579,48 @@ class Trainer:
         return _collate([{"fixed": s["fixed"], "moving": s["moving"]} for s in items])
 
     def _step(self, batch: Mapping) -> dict:
+        """One iteration's work on ``batch``: :meth:`_forward_backward`, then :meth:`_update`."""
+        stats = self._forward_backward(batch)
+        self._update()
+        return stats
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        self.optimizer.zero_grad(set_to_none=True)
+        return TrainingDivergedError(
+            f"training diverged at iteration {self.iteration + 1}: {what} (method {self.method.name!r}, "
+            f"lr={self.optimizer.param_groups[0]['lr']:g}). Lower the learning rate, or raise the regularisation "
+            f"weight lambda of the loss; clipping the gradients (grad_clip=) and images normalised to [0, 1] help "
+            f"too. The parameters are those before this iteration; the last checkpoint, if any, is in "
+            f"{self.checkpoint_dir}")
+
+    def _forward_backward(self, batch: Mapping) -> dict:
+        """Zero the gradients, run ``training_step`` (which calls ``backward``), check and return its stats.
+
+        Raises:
+            TrainingDivergedError: the loss is NaN or inf, or the method's own checks found NaN or inf values
+                (in a displacement, a loss term, ...) although the batch is finite.
+        """
         fixed = batch["fixed"].to(self.device, non_blocking=True)
         moving = batch["moving"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            scaler, dev = self.scaler, self.device.type
+        try:
+            if self.scaler is not None:
+                scaler, dev = self.scaler, self.device.type
 
-            def backward(loss: Tensor) -> None:
-                with torch.autocast(dev, enabled=False):
-                    scaler.scale(loss).backward()
+                def backward(loss: Tensor) -> None:
+                    with torch.autocast(dev, enabled=False):
+                        scaler.scale(loss).backward()
 
-            with torch.autocast(dev, dtype=torch.float16):
-                stats = self.method.training_step(fixed, moving, self.loss_fn, backward=backward)
-        else:
-            stats = self.method.training_step(fixed, moving, self.loss_fn, backward=Tensor.backward)
+                with torch.autocast(dev, dtype=torch.float16):
+                    stats = self.method.training_step(fixed, moving, self.loss_fn, backward=backward)
+            else:
+                stats = self.method.training_step(fixed, moving, self.loss_fn, backward=Tensor.backward)
+        except ValueError as exc:
+            # A method or loss check that found NaN/inf in something computed from finite images: divergence,
+            # not bad input. (Non-finite images keep their input-check message.)
+            if _NONFINITE.search(str(exc)) and _all_finite(fixed, moving):
+                raise self._diverged(f"{exc}") from exc
+            raise
         if not isinstance(stats, Mapping) or "loss" not in stats:
             raise TypeError(f"{type(self.method).__name__}.training_step must return a dict with 'loss', got "
                             f"{stats!r}")
@@ -490,12 +628,11 @@ class Trainer:
                  if isinstance(v, (numbers.Real, Tensor))}
         stats = self._after_backward(stats)
         if not math.isfinite(stats["loss"]):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingDivergedError(
-                f"the training loss became {stats['loss']} at iteration {self.iteration + 1} "
-                f"(method {self.method.name!r}, lr={self.lr:g}). Lower the learning rate, or raise the "
-                f"regularisation weight lambda of the loss; the last checkpoint, if any, is in "
-                f"{self.checkpoint_dir}")
+            raise self._diverged(f"the training loss became {stats['loss']}")
+        return stats
+
+    def _update(self) -> None:
+        """Clip the gradients (if asked) and step the optimizer (and the AMP scaler)."""
         if self.scaler is not None:
             if self.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -506,7 +643,6 @@ class Trainer:
             if self.grad_clip is not None:
                 nn.utils.clip_grad_norm_(self.method.parameters(), self.grad_clip)
             self.optimizer.step()
-        return stats
 
     def _after_backward(self, stats: dict) -> dict:
         """Called between ``training_step`` (gradients are in ``.grad``) and the optimizer step; returns the
@@ -557,48 +693,138 @@ class Trainer:
         return row
 
     # -- the loop --------------------------------------------------------------------------------------------
+    def _val_due(self, iteration: int) -> bool:
+        return bool(self.val_data) and iteration > 0 and (
+            bool(self.val_every and iteration % self.val_every == 0) or iteration == self.iterations)
+
+    def _save_last(self) -> None:
+        """Write ``last.pt`` unless it already holds exactly this state (same iteration and history)."""
+        if self.checkpoint_dir is None:
+            return
+        key = (self.iteration, len(self.history), self._last_val)
+        if self._saved != key:
+            self.save()
+            self._saved = key
+
+    def _validate_between_checkpoints(self) -> None:
+        self._save_last()  # before: an error in validation loses no training
+        self.validate()
+        self._save_last()  # after: with the validation row (and best.pt when it improved)
+
+    def _start_fresh(self) -> None:
+        found = existing_run_files(self.checkpoint_dir, self.log_path)
+        if found and not self.overwrite:
+            raise RunExistsError(
+                f"a fresh run would replace an earlier run's files: {', '.join(str(p) for p in found)}. Resume it "
+                "(Trainer.resume(); CLI: --resume), choose another checkpoint_dir / log_path (CLI: --out), or pass "
+                "overwrite=True (CLI: --overwrite) to replace it")
+        for p in found:
+            if p.suffix == ".pt":
+                p.unlink()
+        seed_everything(self.seed)
+        self._started = True
+        if self.log_path is not None:
+            self._rewrite_log()
+
+    def _interrupted(self, rng_state: dict | None) -> None:
+        """Ctrl-C: roll back an unfinished iteration and write ``last.pt`` of the last completed one."""
+        if self._phase == "update":
+            warnings.warn(f"interrupted inside the optimizer update of iteration {self.iteration + 1}: the "
+                          "parameters are partly updated, so last.pt was not rewritten", stacklevel=3)
+            return
+        if self._phase == "step":  # training_step did not finish: undo its RNG draws and drop its gradients
+            if rng_state is not None:
+                set_rng_state(rng_state)
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.checkpoint_dir is not None:
+            self.method.train()
+            self._save_last()
+
     def fit(self, until: int | None = None) -> list[dict]:
         """Train up to iteration ``until`` (default ``iterations``); return the history.
 
         Validates every ``val_every`` iterations and at ``iterations``; writes ``checkpoint_dir/last.pt`` every
-        ``checkpoint_every`` iterations and when it returns.
+        ``checkpoint_every`` iterations, before and after each validation, and when it returns. A fresh run
+        (not resumed) refuses a ``checkpoint_dir`` / ``log_path`` that holds an earlier run unless
+        ``overwrite=True``. A resumed checkpoint whose validation did not complete is validated first.
+
+        On ``KeyboardInterrupt`` (Ctrl-C) it writes ``last.pt`` of the last completed iteration (the interrupted
+        one is rolled back, so resuming reproduces an uninterrupted run) and re-raises.
 
         Raises:
-            TrainingDivergedError: the loss became NaN or inf (the message names the iteration).
+            TrainingDivergedError: the loss (or a displacement computed from finite images) became NaN or inf;
+                the message names the iteration.
+            RunExistsError: a fresh run would replace an earlier run's files (see ``overwrite``).
+            KeyboardInterrupt: after the checkpoint is written.
         """
         until = self.iterations if until is None else _check_int(until, "until", 0)
         if until > self.iterations:
             raise ValueError(f"until ({until}) must be <= iterations ({self.iterations})")
-        if not self._started:  # a fresh run: seed, and start a fresh log
-            seed_everything(self.seed)
-            self._started = True
-            if self.log_path is not None:
-                self._rewrite_log()
+        if not self._started:  # a fresh run: refuse to replace an earlier one, seed, start a fresh log
+            self._start_fresh()
+        if self.checkpoint_dir is not None:
+            remove_stale_temps(self.checkpoint_dir)
         self.method.train()
         bar = tqdm(total=until, initial=self.iteration, disable=not self.progress, desc=f"train {self.method.name}",
                    dynamic_ncols=True)
+        rng_state, self._phase = None, "idle"
         try:
+            if self._val_due(self.iteration) and self._last_val != self.iteration:
+                self._validate_between_checkpoints()  # a resumed checkpoint whose validation did not complete
             while self.iteration < until:
+                rng_state = get_rng_state()
+                self._phase = "step"
                 t0 = time.perf_counter()
-                stats = self._step(self._batch(self.iteration))
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                stats["time_s"] = time.perf_counter() - t0
-                self.iteration += 1
-                self._window.append(stats)
+                stats = self._forward_backward(self._batch(self.iteration))
+                with _sigint_deferred():  # a real Ctrl-C waits for the update and the bookkeeping (microseconds)
+                    self._phase = "update"
+                    self._update()
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    stats["time_s"] = time.perf_counter() - t0
+                    self._window.append(stats)
+                    self.iteration += 1
+                    self._phase = "done"
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats['loss']:.4f}")
                 if self.iteration % self.log_every == 0 or self.iteration == self.iterations:
                     self._flush_window()
-                if self.val_every and self.iteration % self.val_every == 0:
-                    self.validate()
-                elif self.iteration == self.iterations and self.val_data and self._last_val != self.iteration:
-                    self.validate()
-                if self.checkpoint_dir is not None and self.checkpoint_every and \
-                        self.iteration % self.checkpoint_every == 0:
-                    self.save()
+                if self._val_due(self.iteration):
+                    self._validate_between_checkpoints()
+                elif self.checkpoint_every and self.iteration % self.checkpoint_every == 0:
+                    self._save_last()
+            self._phase = "idle"
+        except KeyboardInterrupt:
+            self._interrupted(rng_state)
+            raise
         finally:
             bar.close()
-        if self.checkpoint_dir is not None:
-            self.save()
+        self._save_last()
         return self.history
+
+
+_NONFINITE = re.compile(r"\bnan\b|\binf\b|non-?finite|not finite", re.IGNORECASE)
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a SIGINT (Ctrl-C) that arrives inside the block until its end (main thread, default handler only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt

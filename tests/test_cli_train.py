@@ -78,3 +78,154 @@ def test_missing_oasis_folder_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "error:" in proc.stderr and str(missing) in proc.stderr and "--data-dir" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nothing a user has made is lost; every bad argument is `error: ...` with exit code 2
+# ---------------------------------------------------------------------------------------------------------------
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_train_refuses_an_existing_run_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--iterations", "2", "--out", str(out), "--no-eval"]) == 0
+    before = _files(out)
+    assert {"last.pt", "log.jsonl", "run.json"} <= set(before)
+    capsys.readouterr()
+    assert main(["train", *SMALL, "--iterations", "3", "--out", str(out), "--no-eval"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--resume" in err and "--overwrite" in err
+    assert _files(out) == before  # log.jsonl, run.json, best.pt, last.pt untouched
+    assert main(["train", *SMALL, "--iterations", "3", "--out", str(out), "--resume", "--overwrite"]) == 2
+    assert main(["train", *SMALL, "--iterations", "3", "--out", str(out), "--no-eval", "--overwrite"]) == 0
+    assert load_checkpoint(out / "last.pt")["iteration"] == 3
+    assert [r["iteration"] for r in read_log(out / "log.jsonl") if r["split"] == "train"] == [2, 3]
+
+
+def test_resume_keeps_or_applies_and_records_the_lr(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--iterations", "2", "--lr", "5e-4", "--out", str(out), "--no-eval"]) == 0
+    # no --lr: the run's own lr goes on (not the preset's 1e-3)
+    assert main(["train", *SMALL, "--iterations", "4", "--out", str(out), "--resume", "--no-eval"]) == 0
+    assert load_checkpoint(out / "last.pt")["optimizer"]["param_groups"][0]["lr"] == 5e-4
+    assert json.loads((out / "run.json").read_text())["lr"] == 5e-4
+    capsys.readouterr()
+    # --lr X: applied from the checkpoint on, and recorded truthfully
+    assert main(["train", *SMALL, "--iterations", "6", "--lr", "1e-4", "--out", str(out), "--resume",
+                 "--no-eval"]) == 0
+    text = capsys.readouterr().out
+    assert "lr 0.0001 (changed from 0.0005 at iteration 4)" in text
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 1e-4 and ckpt["trainer"]["lr"] == 1e-4
+    run = json.loads((out / "run.json").read_text())
+    assert run["lr"] == 1e-4 and run["lr_changes"] == [{"iteration": 4, "previous": 5e-4, "lr": 1e-4}]
+    assert run["resumed_at"] == [2, 4]
+    rows = [(r["iteration"], r["lr"]) for r in read_log(out / "log.jsonl") if r["split"] == "train"]
+    assert rows == [(2, 5e-4), (4, 5e-4), (6, 1e-4)]
+
+
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    from deqreg_lite import train as tr
+
+    real, calls = tr.Trainer._forward_backward, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(tr.Trainer, "_forward_backward", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--iterations", "4", "--out", str(out), "--no-eval"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert load_checkpoint(out / "last.pt")["iteration"] == 2
+    monkeypatch.undo()
+    assert main(["train", *SMALL, "--iterations", "4", "--out", str(out), "--resume", "--no-eval"]) == 0
+    assert load_checkpoint(out / "last.pt")["iteration"] == 4
+
+
+def test_divergence_is_an_error_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    from deqreg_lite import train as tr
+
+    def diverge(self, batch):
+        raise self._diverged("the training loss became nan")
+
+    monkeypatch.setattr(tr.Trainer, "_forward_backward", diverge)
+    assert main(["train", *SMALL, "--iterations", "2", "--out", str(tmp_path / "run"), "--no-eval"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: training diverged at iteration 1") and "learning rate" in err
+
+
+BAD = [
+    ["demo", "--iterations", "-1"], ["demo", "--iterations", "x"], ["demo", "--levels", "0"], ["demo", "--lam", "-1"],
+    ["demo", "--lam", "nan"], ["demo", "--lr", "0"], ["demo", "--seed", "-1"], ["demo", "--methods", "bogus"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--batch-size", "0"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--batch-size", "-2"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--iterations", "-3"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--epochs", "two"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--lr", "0"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--lr", "inf"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--lam", "-0.5"],
+    ["train", "--dataset", "sample", "--method", "unrolling", "--T", "0"],
+    ["train", "--dataset", "sample", "--method", "deqreg", "--S", "-1"],
+    ["train", "--dataset", "sample", "--method", "deqreg", "--gamma", "-1"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--size", "0", "0"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--size", "3", "3"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--steps", "0"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--val-every", "-1"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--val-pairs", "-1"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--checkpoint-every", "-1"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--log-every", "0"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--seed", "-1"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--grad-clip", "0"],
+    ["train", "--dataset", "sample", "--method", "voxelmorph", "--device", "bogus"],
+    ["train", "--dataset", "bogus", "--method", "voxelmorph"],
+    ["evaluate", "--checkpoint", "x", "--pairs", "0"], ["evaluate", "--checkpoint", "x", "--pairs", "-1"],
+    ["evaluate", "--checkpoint", "x", "--steps", "0"], ["evaluate", "--checkpoint", "x", "--dataset", "nope"],
+    [], ["bogus"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD, ids=" ".join)
+def test_bad_arguments_are_argparse_errors(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default --out lands here
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_zero_is_never_the_default(tmp_path, capsys):
+    # --iterations 0 does what it says: no training step; the untrained model is saved and evaluated
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--iterations", "0", "--out", str(out), "--no-eval"]) == 0
+    assert load_checkpoint(out / "last.pt")["iteration"] == 0
+    # --val-pairs 0: no validation (no val rows, no best.pt)
+    out2 = tmp_path / "run2"
+    assert main(["train", *SMALL[:-5], "--val-pairs", "0", "--log-every", "1", "--iterations", "1", "--out",
+                 str(out2), "--no-progress"]) == 0
+    assert not (out2 / "best.pt").exists() and all(r["split"] == "train" for r in read_log(out2 / "log.jsonl"))
+
+
+def test_evaluate_bad_checkpoints_and_options_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, "--iterations", "1", "--out", str(out), "--no-eval"]) == 0
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk" * 10)
+    capsys.readouterr()
+    for argv in (["--checkpoint", str(junk), "--dataset", "sample"],
+                 ["--checkpoint", str(out), "--split", "bogus", "--no-memory"],
+                 ["--checkpoint", str(out), "--disp-dir", str(tmp_path / "d"), "--no-memory"],
+                 ["--checkpoint", str(out), "--out", str(tmp_path), "--no-memory"]):
+        assert main(["evaluate", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and "weights_only" not in err, (argv, err)
+    # --pairs 0 is refused (it used to evaluate the default 9 pairs)
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--checkpoint", str(out), "--pairs", "0", "--no-memory"])
+    assert e.value.code == 2 and "--pairs: must be an integer >= 1" in capsys.readouterr().err

@@ -425,3 +425,79 @@ def test_complete_part_file_and_416_is_accepted(server, tarball, tmp_path):
     download("custom", dest, url=url, sha256=_sha(tarball), **FAST)
     _assert_extracted(dest)
     assert [r for _, r, _ in server.log] == [f"bytes={len(tarball)}-"]   # answered 416 bytes */N
+
+
+# ------------------------------------------------------------------------------------ several datasets, edits
+def _tar_of(path: Path, files: dict) -> bytes:
+    with tarfile.open(path, "w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def test_second_dataset_into_the_same_folder_is_fetched(server, tarball, tmp_path, monkeypatch):
+    # oasis3d after oasis2d into one folder: the marker names the dataset, so the second one is not skipped
+    files3d = {"subjects.txt": FILES["subjects.txt"], "OASIS_OAS1_0001_MR1/aligned_norm.bin": _payload(3, 5000)}
+    data3d = _tar_of(tmp_path / "3d.tar", files3d)
+    monkeypatch.setitem(SOURCES, "oasis2d", Source(url=server.add("2d.tar", tarball), filename="2d.tar"))
+    monkeypatch.setitem(SOURCES, "oasis3d", Source(url=server.add("3d.tar", data3d), filename="3d.tar"))
+    dest = tmp_path / "neurite-oasis"
+    download("oasis2d", dest, **FAST)
+    download("oasis3d", dest, **FAST)
+    assert [p for p, _, _ in server.log] == ["/2d.tar", "/3d.tar"]
+    assert (dest / "OASIS_OAS1_0001_MR1" / "aligned_norm.bin").read_bytes() == files3d[
+        "OASIS_OAS1_0001_MR1/aligned_norm.bin"]
+    _assert_extracted(dest)                                       # the 2D files are still there
+    marker = json.loads((dest / MARKER).read_text())
+    assert set(marker["datasets"]) == {"oasis2d", "oasis3d"} and marker["name"] == "oasis3d"
+    assert marker["datasets"]["oasis2d"]["sha256"] == _sha(tarball)
+    assert marker["datasets"]["oasis3d"]["files"] == {k: len(v) for k, v in files3d.items()}
+    # both are now recorded: neither is fetched again
+    download("oasis2d", dest, **FAST)
+    download("oasis3d", dest, **FAST)
+    assert len(server.log) == 2
+
+
+def test_old_single_dataset_marker_counts_for_its_name_only(server, tarball, tmp_path, monkeypatch):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / MARKER).write_text(json.dumps({"name": "oasis2d", "url": "x", "filename": "2d.tar", "size": 1,
+                                           "sha256": "0" * 64}))
+    monkeypatch.setitem(SOURCES, "oasis3d", Source(url=server.add("3d.tar", tarball), filename="3d.tar"))
+    download("oasis3d", dest, **FAST)
+    assert len(server.log) == 1
+    assert set(json.loads((dest / MARKER).read_text())["datasets"]) == {"oasis2d", "oasis3d"}
+
+
+def test_extraction_never_silently_replaces_edited_files(server, tarball, tmp_path):
+    url = server.add("data.tar", tarball)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "subjects.txt").write_text("my own subject list")                 # an edited / foreign file
+    (dest / "OASIS_OAS1_0001_MR1").mkdir()
+    (dest / "OASIS_OAS1_0001_MR1" / "slice_norm.bin").write_bytes(FILES["OASIS_OAS1_0001_MR1/slice_norm.bin"])
+    with pytest.raises(dl_mod.ExtractConflictError, match="subjects.txt") as e:
+        download("custom", dest, url=url, **FAST)
+    assert [p.name for p in e.value.paths] == ["subjects.txt"]                # the identical file is no conflict
+    assert "force=True" in str(e.value)
+    assert (dest / "subjects.txt").read_text() == "my own subject list"      # nothing was written ...
+    assert not (dest / "OASIS_OAS1_0002_MR1").exists() and not (dest / MARKER).exists()
+    assert (dest / "data.tar").is_file()                                      # ... and the archive is kept
+    download("custom", dest, url=url, force=True, **FAST)                      # explicit: replace them
+    _assert_extracted(dest)
+
+
+def test_safe_extract_refuses_differing_files_unless_overwrite(tmp_path):
+    archive = tmp_path / "a.zip"
+    _make_zip(archive)
+    dest = tmp_path / "out"
+    safe_extract(archive, dest)
+    safe_extract(archive, dest)                                               # identical files: fine
+    (dest / "NLST" / "subjects.txt").write_text("edited")
+    with pytest.raises(dl_mod.ExtractConflictError):
+        safe_extract(archive, dest)
+    assert (dest / "NLST" / "subjects.txt").read_text() == "edited"
+    safe_extract(archive, dest, overwrite=True)
+    assert (dest / "NLST" / "subjects.txt").read_bytes() == FILES["subjects.txt"]

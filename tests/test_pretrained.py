@@ -75,3 +75,17 @@ def test_missing_file_says_how_to_make_it(tmp_path, monkeypatch):
     assert available_pretrained() == {n: False for n in PRETRAINED}
     with pytest.raises(FileNotFoundError, match="scripts/train_pretrained.py --names riir"):
         load_pretrained("riir")
+
+
+def test_corrupt_pretrained_checkpoint_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEQREG_CHECKPOINTS_DIR", str(tmp_path))
+    good = pretrained.REPO_ROOT / "data" / "checkpoints" / "voxelmorph.pt"
+    if good.is_file():
+        (tmp_path / "voxelmorph.pt").write_bytes(good.read_bytes()[:1000])  # truncated
+    else:
+        (tmp_path / "voxelmorph.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt or truncated") as e:
+        load_pretrained("voxelmorph")
+    msg = str(e.value)
+    assert str(tmp_path / "voxelmorph.pt") in msg and "weights_only" not in msg
+    assert "train_pretrained.py --names voxelmorph" in msg

@@ -144,7 +144,12 @@ def test_log_and_history_have_validation_rows(data, tmp_path):
     assert all(math.isfinite(r["loss"]) and r["lr"] == 1e-3 for r in train_rows)
     assert (tmp_path / "ck" / "best.pt").is_file() and (tmp_path / "ck" / "last.pt").is_file()
     fresh = tr.Trainer(make(), loss_fn, train, None, iterations=1, log_every=1, progress=False, log_path=log)
-    fresh.fit()  # a fresh run starts a fresh log
+    with pytest.raises(tr.RunExistsError, match="overwrite=True"):
+        fresh.fit()  # a fresh run does not silently replace an earlier run's log ...
+    assert strip_time(tr.read_log(log)) == strip_time(history)
+    fresh = tr.Trainer(make(), loss_fn, train, None, iterations=1, log_every=1, progress=False, log_path=log,
+                       overwrite=True)
+    fresh.fit()  # ... unless told to: it then starts a fresh log
     assert [r["iteration"] for r in tr.read_log(log)] == [1]
 
 
@@ -243,3 +248,253 @@ def test_options_are_checked(data):
     one = tr.Trainer(make(), loss_fn, train[0], iterations=1, progress=False)
     one.fit()
     assert one.iteration == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# nothing a user has made is lost
+# ---------------------------------------------------------------------------------------------------------------
+COMMON = dict(lr=1e-2, batch_size=2, iterations=8, val_every=2, log_every=3, progress=False, seed=3)
+
+
+def straight_run(train, val, **kw):
+    t = tr.Trainer(make(), loss_fn, train, val, **{**COMMON, **kw})
+    t.fit()
+    return t
+
+
+def files_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_fresh_run_refuses_an_existing_run_folder(data, tmp_path):
+    train, val = data
+    run = tmp_path / "run"
+    kw = dict(checkpoint_dir=run, log_path=run / "log.jsonl", **{**COMMON, "iterations": 4})
+    tr.Trainer(make(), loss_fn, train, val, **kw).fit()
+    assert {"last.pt", "best.pt", "log.jsonl"} <= set(os.listdir(run))
+    before = files_bytes(run)
+    again = tr.Trainer(make(seed=5), loss_fn, train, val, **kw)
+    with pytest.raises(tr.RunExistsError, match=r"last\.pt.*best\.pt.*log\.jsonl(?s:.*)resume.*overwrite=True"):
+        again.fit()
+    assert files_bytes(run) == before  # nothing touched
+    # only the checkpoints, or only the log, count as a run too
+    with pytest.raises(tr.RunExistsError):
+        tr.Trainer(make(), loss_fn, train, None, checkpoint_dir=run, **{**COMMON, "iterations": 1}).fit()
+    with pytest.raises(tr.RunExistsError):
+        tr.Trainer(make(), loss_fn, train, None, log_path=run / "log.jsonl", **{**COMMON, "iterations": 1}).fit()
+    # resuming is fine without overwrite
+    resumed = tr.Trainer(make(), loss_fn, train, val, **{**kw, "iterations": 6})
+    resumed.resume()
+    resumed.fit()
+    assert tr.load_checkpoint(run)["iteration"] == 6
+    # overwrite=True replaces the run: the old best.pt does not survive a run without validation
+    fresh = tr.Trainer(make(), loss_fn, train, None, overwrite=True, checkpoint_dir=run, log_path=run / "log.jsonl",
+                       **{**COMMON, "iterations": 2})
+    fresh.fit()
+    assert sorted(os.listdir(run)) == ["last.pt", "log.jsonl"]
+    assert tr.load_checkpoint(run)["iteration"] == 2
+
+
+def test_resume_with_another_lr_applies_and_records_it(data, tmp_path):
+    train, val = data
+    run = tmp_path / "run"
+    # reference: 4 iterations at 1e-2, then the optimizer's lr set to 1e-3 by hand
+    ref = tr.Trainer(make(), loss_fn, train, val, **COMMON)
+    ref.fit(until=4)
+    for g in ref.optimizer.param_groups:
+        g["lr"] = 1e-3
+    ref.fit()
+
+    first = tr.Trainer(make(), loss_fn, train, val, checkpoint_dir=run, **COMMON)
+    first.fit(until=4)
+    second = tr.Trainer(make(), loss_fn, train, val, checkpoint_dir=run, **{**COMMON, "lr": 1e-3})
+    with pytest.warns(UserWarning, match="lr=0.001.*was 0.01"):
+        second.resume()
+    assert [g["lr"] for g in second.optimizer.param_groups] == [1e-3]
+    second.fit()
+    assert equal(params(ref.method), params(second.method))  # the new lr was used
+    assert second.lr_changes == [{"iteration": 4, "previous": 1e-2, "lr": 1e-3}]
+    ckpt = tr.load_checkpoint(run)
+    assert ckpt["trainer"]["lr"] == 1e-3 and ckpt["extra"]["lr_changes"] == second.lr_changes
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    rows = [r for r in second.history if r["split"] == "train"]
+    assert [(r["iteration"], r["lr"]) for r in rows] == [(3, 1e-2), (6, 1e-3), (8, 1e-3)]
+    # the record survives a further resume at the same lr
+    third = tr.Trainer(make(), loss_fn, train, val, checkpoint_dir=run, **{**COMMON, "lr": 1e-3})
+    third.resume()
+    assert third.lr_changes == second.lr_changes
+
+
+class InterruptAt(TinyMethod):
+    """Raises KeyboardInterrupt inside its ``at``-th training step, after drawing its random noise."""
+
+    def __init__(self, at, **kw):
+        super().__init__(**kw)
+        self.at, self.calls = at, 0
+
+    def training_step(self, fixed, moving, loss_fn, backward=Tensor.backward):
+        self.calls += 1
+        noisy = fixed + 0.01 * torch.randn_like(fixed)
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        loss = loss_fn(noisy, moving, self(noisy, moving).disp)
+        backward(loss)
+        return {"loss": float(loss.detach()), "noise": 0.01}
+
+
+def make_interrupting(at, seed=0):
+    seed_everything(seed)
+    return InterruptAt(at)
+
+
+@pytest.mark.parametrize("at", [3, 5])
+def test_ctrl_c_in_a_training_step_saves_and_resume_matches(data, tmp_path, at):
+    train, val = data
+    ref = straight_run(train, val)
+    run = tmp_path / "run"
+    kw = dict(checkpoint_dir=run, log_path=run / "log.jsonl", **COMMON)
+    t = tr.Trainer(make_interrupting(at), loss_fn, train, val, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    ckpt = tr.load_checkpoint(run)
+    assert ckpt["iteration"] == at - 1 == t.iteration  # the interrupted iteration is rolled back
+    assert os.listdir(run) and not [n for n in os.listdir(run) if n.endswith(".tmp")]
+    resumed = tr.Trainer(make_interrupting(0, seed=99), loss_fn, train, val, **kw)
+    resumed.resume()
+    resumed.fit()
+    assert equal(params(ref.method), params(resumed.method))
+    assert strip_time(resumed.history) == strip_time(ref.history)
+    assert strip_time(tr.read_log(run / "log.jsonl")) == strip_time(ref.history)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_checkpoint_before_validation_and_interrupted_validation(data, tmp_path, error):
+    train, val = data
+    ref = straight_run(train, val)
+    run = tmp_path / "run"
+    kw = dict(checkpoint_dir=run, log_path=run / "log.jsonl", checkpoint_every=None, **COMMON)
+    t = tr.Trainer(make(), loss_fn, train, val, **kw)
+    real_validate, calls = t.validate, []
+
+    def failing_validate():
+        calls.append(t.iteration)
+        if len(calls) == 2:  # the validation at iteration 4
+            raise error("validation failed")
+        return real_validate()
+
+    t.validate = failing_validate
+    with pytest.raises(error, match="validation failed"):
+        t.fit()
+    ckpt = tr.load_checkpoint(run)
+    assert ckpt["iteration"] == 4  # a fresh last.pt of that iteration (checkpoint_every=None)
+    assert [r["iteration"] for r in ckpt["history"] if r["split"] == "val"] == [2]
+    resumed = tr.Trainer(make(seed=7), loss_fn, train, val, **kw)
+    resumed.resume()
+    resumed.fit()  # validates iteration 4 first, then goes on
+    assert equal(params(ref.method), params(resumed.method))
+    assert strip_time(resumed.history) == strip_time(ref.history)
+
+
+def test_stale_temp_files_from_a_killed_save_are_removed(data, tmp_path):
+    train, _ = data
+    run = tmp_path / "run"
+    run.mkdir()
+    m = make()
+    good = tr.save_checkpoint(run / "last.pt", m, iteration=1)
+    size = good.stat().st_size
+    # what a killed save leaves: a full-size temporary file (this version's name, and an older mkstemp name)
+    for name in (".last.pt.tmp", ".last.pt.k3j_x9a1.tmp", ".best.pt.tmp"):
+        (run / name).write_bytes(b"\0" * size)
+    (run / "notes.tmp").write_text("mine")  # not a checkpoint temp: left alone
+    tr.save_checkpoint(run / "last.pt", m, iteration=2)
+    assert sorted(os.listdir(run)) == [".best.pt.tmp", "last.pt", "notes.tmp"]
+    # a run in that folder removes every stale checkpoint temp when it starts
+    t = tr.Trainer(m, loss_fn, train, iterations=3, checkpoint_dir=run, progress=False)
+    t.resume()
+    (run / ".last.pt.tmp").write_bytes(b"\0" * size)
+    t.fit()
+    assert sorted(os.listdir(run)) == ["last.pt", "notes.tmp"]
+    assert tr.load_checkpoint(run)["iteration"] == 3
+
+
+def test_corrupt_checkpoint_names_the_file_and_never_suggests_weights_only_false(tmp_path):
+    good = tr.save_checkpoint(tmp_path / "good.pt", make(), iteration=1)
+    data = good.read_bytes()
+    cases = {"truncated.pt": data[: len(data) // 2], "garbage.pt": b"junk" * 100, "empty.pt": b"",
+             "pickle.pt": b"\x80\x02}q\x00."[:-1]}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match="corrupt or truncated") as e:
+            tr.load_checkpoint(tmp_path / name)
+        msg = str(e.value)
+        assert str(tmp_path / name) in msg and "weights_only" not in msg, msg
+        assert e.value.__cause__ is None and e.value.__suppress_context__
+    t = tr.Trainer(make(), loss_fn, [{"fixed": torch.rand(1, 1, *SIZE), "moving": torch.rand(1, 1, *SIZE)}],
+                   iterations=1, progress=False)
+    with pytest.raises(ValueError, match="truncated.pt"):
+        t.resume(tmp_path / "truncated.pt")
+
+
+class NaNAt(TinyMethod):
+    """Its displacement becomes NaN from the ``at``-th training step on (as a diverging model's would)."""
+
+    def __init__(self, at, **kw):
+        super().__init__(**kw)
+        self.at, self.calls = at, 0
+
+    def forward(self, fixed, moving, steps=None, return_states=False):
+        out = super().forward(fixed, moving, steps, return_states)
+        if self.training and self.calls >= self.at:
+            out.disp = out.disp * float("nan")
+        return out
+
+    def training_step(self, fixed, moving, loss_fn, backward=Tensor.backward):
+        self.calls += 1
+        return super().training_step(fixed, moving, loss_fn, backward)
+
+
+def test_diverging_displacement_raises_the_divergence_error(data):
+    from deqreg_lite.methods import RegistrationLoss
+
+    train, _ = data
+    seed_everything(0)
+    t = tr.Trainer(NaNAt(3), RegistrationLoss(lam=1.0), train, iterations=5, progress=False)
+    with pytest.raises(tr.TrainingDivergedError, match=r"iteration 3\b(?s:.*)learning rate.*lambda") as e:
+        t.fit()
+    assert "disp" in str(e.value)  # what went NaN is still said
+    assert t.iteration == 2
+    # non-finite *images* are bad input, not divergence: the input check's ValueError stays
+    bad = [{"fixed": torch.full((1, 1, *SIZE), float("nan")), "moving": torch.rand(1, 1, *SIZE)}]
+    t = tr.Trainer(make(), RegistrationLoss(lam=1.0), bad, iterations=1, progress=False)
+    with pytest.raises(ValueError) as e:
+        t.fit()
+    assert not isinstance(e.value, tr.TrainingDivergedError)
+
+
+def test_a_real_sigint_during_the_optimizer_update_waits_for_the_iteration_to_finish(data, tmp_path):
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled by someone else here")
+    train, val = data
+    ref = straight_run(train, val)
+    run = tmp_path / "run"
+    kw = dict(checkpoint_dir=run, log_path=run / "log.jsonl", **COMMON)
+    t = tr.Trainer(make(), loss_fn, train, val, **kw)
+    real_step, calls = t.optimizer.step, []
+
+    def step_with_ctrl_c(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives in the middle of the update
+        return real_step(*a, **k)
+
+    t.optimizer.step = step_with_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert t.iteration == 3 and tr.load_checkpoint(run)["iteration"] == 3  # the update completed and was saved
+    resumed = tr.Trainer(make(), loss_fn, train, val, **kw)
+    resumed.resume()
+    resumed.fit()
+    assert equal(params(ref.method), params(resumed.method))

@@ -28,10 +28,25 @@ def load_array(path: Path, ndim: int | None = None) -> np.ndarray:
     """The array of a NIfTI file as stored (the orientation header is ignored on purpose).
 
     Trailing singleton axes beyond ``ndim`` are dropped (the neurite-oasis 2D slices are 160 x 192 x 1 on disk).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable NIfTI image (corrupt, truncated, or another format); the message
+            names the file and says what nibabel reported.
     """
     import nibabel as nib
 
-    arr = np.asanyarray(nib.load(str(path)).dataobj)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no NIfTI file at {path}")
+    try:
+        arr = np.asanyarray(nib.load(str(path)).dataobj)
+    except MemoryError:
+        raise
+    except Exception as exc:  # nibabel, gzip, zlib and numpy each raise their own type for a damaged file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path} is not a readable NIfTI image (corrupt or truncated file? "
+                         f"{type(exc).__name__}: {reason}); download or extract it again") from exc
     if ndim is not None:
         while arr.ndim > ndim and arr.shape[-1] == 1:
             arr = arr[..., 0]

@@ -8,8 +8,10 @@ Only the standard library (:mod:`urllib`) and :mod:`tqdm` are used::
 
 What :func:`download` does, in order:
 
-1. If ``dest`` holds the marker file :data:`MARKER` from an earlier successful call, it returns at once
-   (no network) unless ``force=True``.
+1. If ``dest`` holds the marker file :data:`MARKER` recording an earlier successful call *for this dataset*
+   (the marker records every dataset extracted into the folder, by name, with its archive's size and SHA-256),
+   it returns at once (no network) unless ``force=True``, or unless ``sha256=`` pins a digest other than the
+   recorded one. Another dataset downloaded into the same folder (``oasis2d`` then ``oasis3d``) is fetched.
 2. Fetches the archive into ``dest/<filename>.part`` with a tqdm bar. A broken transfer is resumed with an
    HTTP ``Range`` request; if the server ignores it (``200`` instead of ``206``) the part file is truncated and
    the transfer restarts cleanly. Connection errors, time-outs, short reads and HTTP 408/429/5xx are retried
@@ -23,7 +25,13 @@ What :func:`download` does, in order:
    paths, drive letters, ``..`` components, links that are absolute or contain ``..`` (links may only point
    downwards), and device / FIFO members are refused with :class:`UnsafeArchiveError`, before anything is
    written. The (verified) archive is then kept, so the error is reproducible without a new download.
-5. Writes :data:`MARKER` (JSON: name, url, filename, size, sha256) into ``dest`` and, unless
+   A member that would replace an existing file with *different* content (a file you edited, or another
+   dataset's file of the same name) is a conflict: :class:`ExtractConflictError` lists them and nothing is
+   written, unless ``force=True`` (then they are replaced, and a warning lists them). Existing files identical
+   to the archive's are left as they are.
+5. Writes :data:`MARKER` into ``dest`` (JSON: ``name``, ``url``, ``filename``, ``size``, ``sha256``, ``time``
+   of the latest call, and ``datasets``: the same record per dataset name, with ``files``, the extracted
+   members' sizes) and, unless
    ``keep_archive=True``, removes the archive (the 3D tarball is 6.6 GB).
 
 The checksums of the official files could not be looked up when this module was written, so the registry
@@ -52,8 +60,8 @@ from tqdm.auto import tqdm
 
 from ..config import data_dir
 
-__all__ = ["SOURCES", "Source", "download", "DownloadError", "ChecksumError", "UnsafeArchiveError", "MARKER",
-           "sha256sum", "safe_extract"]
+__all__ = ["SOURCES", "Source", "download", "DownloadError", "ChecksumError", "UnsafeArchiveError",
+           "ExtractConflictError", "MARKER", "sha256sum", "safe_extract"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,18 @@ class ChecksumError(DownloadError):
 
 class UnsafeArchiveError(DownloadError):
     """An archive member would be written outside the destination (or is a device / FIFO)."""
+
+
+class ExtractConflictError(DownloadError):
+    """Extracting would replace existing files whose content differs from the archive's (nothing was written).
+
+    Attributes:
+        paths: the conflicting paths under the destination.
+    """
+
+    def __init__(self, message: str, paths: list[Path]) -> None:
+        super().__init__(message)
+        self.paths = paths
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -282,11 +302,71 @@ def _check_tar(tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
     return members
 
 
-def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
+def _same_content(path: Path, size: int, open_member) -> bool:
+    """Whether the regular file ``path`` holds exactly the ``size`` bytes that ``open_member()`` yields."""
+    if path.is_symlink() or not path.is_file() or path.stat().st_size != size:
+        return False
+    with open(path, "rb") as a, open_member() as b:
+        while True:
+            x, y = a.read(CHUNK), b.read(CHUNK)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _conflicts(dest: Path, entries) -> list[Path]:
+    """The paths under ``dest`` that extracting ``entries`` would replace with different content.
+
+    ``entries``: ``(name, kind, size, open_member)`` with kind ``"file"``, ``"dir"`` or ``"link"``.
+    """
+    out = []
+    for name, kind, size, open_member in entries:
+        target = dest / name
+        if not (target.exists() or target.is_symlink()):
+            continue
+        if kind == "dir":
+            if not target.is_dir():
+                out.append(target)
+        elif kind == "file":
+            if not _same_content(target, size, open_member):
+                out.append(target)
+        elif not target.is_symlink():            # a link member over a real file or folder
+            out.append(target)
+    return out
+
+
+def _refuse_conflicts(archive: Path, dest: Path, entries, overwrite: bool) -> list[Path]:
+    conflicts = _conflicts(dest, entries)
+    if conflicts and not overwrite:
+        shown = "\n  ".join(str(p) for p in conflicts[:20]) + (
+            f"\n  ... and {len(conflicts) - 20} more" if len(conflicts) > 20 else "")
+        raise ExtractConflictError(
+            f"extracting {archive.name} into {dest} would replace {len(conflicts)} existing file(s) whose content "
+            f"differs from the archive's (edited by you, or another dataset's files); nothing was extracted:\n  "
+            f"{shown}\nMove them away, extract into another folder, or pass force=True to replace them.",
+            conflicts)
+    if conflicts:
+        log.warning("replacing %d existing file(s) that differ from %s: %s", len(conflicts), archive.name,
+                    ", ".join(str(p) for p in conflicts[:20]))
+    return conflicts
+
+
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Extract a tar (any compression) or zip archive into ``dest`` after checking every member.
 
+    Every member is checked before anything is written: its name (see :func:`download`), and whether it would
+    replace an existing file under ``dest`` whose content differs from the member's (compared byte for byte
+    when the sizes agree). Existing identical files are harmless and simply rewritten.
+
+    Args:
+        archive: the tar or zip file.
+        dest: the folder to extract into (created).
+        overwrite: replace differing existing files (with a logged warning) instead of refusing.
     Raises:
         UnsafeArchiveError: a member would land outside ``dest`` (nothing is written then).
+        ExtractConflictError: members would replace differing existing files and ``overwrite`` is False
+            (nothing is written then; the error's ``paths`` lists them).
         DownloadError: the file is neither a tar nor a zip archive.
     """
     archive, dest = Path(archive), Path(dest)
@@ -297,11 +377,17 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 why = _unsafe_name(info.filename)
                 if why:
                     raise UnsafeArchiveError(f"refusing to extract member {info.filename!r}: {why}")
+            _refuse_conflicts(archive, dest, [
+                (i.filename, "dir" if i.is_dir() else "file", i.file_size, lambda i=i: zf.open(i))
+                for i in zf.infolist()], overwrite)
             zf.extractall(dest)
         return dest
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive, "r:*") as tf:
             members = _check_tar(tf)
+            _refuse_conflicts(archive, dest, [
+                (m.name, "dir" if m.isdir() else "file" if m.isfile() else "link", m.size,
+                 lambda m=m: tf.extractfile(m)) for m in members], overwrite)
             if hasattr(tarfile, "data_filter"):          # Python >= 3.12 and the 3.8-3.11 security backports
                 tf.extractall(dest, members=members, filter="data")
             else:                                        # pragma: no cover - old interpreters
@@ -323,7 +409,8 @@ def download(name: str, dest: str | os.PathLike | None = None, *, url: str | Non
         url: override the registry's address (a mirror, or a moved file).
         sha256: expected hex SHA-256, overriding the registry (which holds ``None`` where unknown).
         size: expected size in bytes, overriding the registry. When given (or known) it is always checked.
-        force: download and extract again even when ``dest`` holds the marker of an earlier call.
+        force: download and extract again even when ``dest`` holds the marker of an earlier call for ``name``,
+            and replace existing files whose content differs from the archive's (a warning lists them).
         progress: show tqdm progress bars.
         timeout: socket time-out in seconds for each network operation.
         retries: how many failed attempts (connection errors, time-outs, short reads, HTTP 408/429/5xx) are
@@ -338,6 +425,9 @@ def download(name: str, dest: str | os.PathLike | None = None, *, url: str | Non
         DownloadError: HTTP error such as 404, too many failed attempts, or not an archive.
         ChecksumError: size or SHA-256 mismatch (the bad file is deleted).
         UnsafeArchiveError: a member would escape ``dest`` (nothing is extracted; the archive is kept).
+        ExtractConflictError: extracting would replace existing files that differ from the archive's (files you
+            edited, or another dataset's); nothing is extracted, the archive is kept; pass ``force=True`` to
+            replace them.
     """
     if name in SOURCES:
         src = SOURCES[name]
@@ -355,14 +445,20 @@ def download(name: str, dest: str | os.PathLike | None = None, *, url: str | Non
     want_size = size if size is not None else (src.size if same_file else None)
     dest = Path(dest).expanduser() if dest is not None else data_dir() / DEFAULT_FOLDERS.get(name, name)
     marker = dest / MARKER
-    if marker.exists() and not force:
-        log.info("%s already downloaded into %s (pass force=True to redo)", name, dest)
-        return dest
+    records = _read_marker(marker)
+    done = records.get(name)
+    if done is not None and not force:
+        pinned = want_sha.strip().lower() if want_sha is not None else None
+        if pinned is None or pinned == done.get("sha256"):
+            log.info("%s already downloaded into %s (pass force=True to redo)", name, dest)
+            return dest
+        log.warning("%s in %s was extracted from an archive with sha256 %s, not the pinned %s: downloading again",
+                    name, dest, done.get("sha256"), pinned)
 
     dest.mkdir(parents=True, exist_ok=True)
     archive = dest / filename
     if force:
-        for p in (marker, archive, archive.with_name(archive.name + ".part")):
+        for p in (archive, archive.with_name(archive.name + ".part")):
             if p.exists():
                 p.unlink()
     if archive.exists():                                 # a kept archive from an earlier call: re-verify it
@@ -382,12 +478,43 @@ def download(name: str, dest: str | os.PathLike | None = None, *, url: str | Non
     if want_sha is None:
         log.info("sha256 of %s is %s (pass sha256= to pin it)", filename, digest)
 
-    safe_extract(archive, dest)
+    safe_extract(archive, dest, overwrite=force)
     info = {"name": name, "url": the_url, "filename": filename, "size": archive.stat().st_size, "sha256": digest,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": _member_sizes(archive)}
     if not keep_archive:
         archive.unlink()
+    records = {k: v for k, v in _read_marker(marker).items() if k != name}
+    records[name] = info
+    latest = {k: v for k, v in info.items() if k != "files"}
     tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.write_text(json.dumps({**latest, "datasets": records}, indent=2) + "\n")
     tmp.replace(marker)
     return dest
+
+
+def _read_marker(marker: Path) -> dict[str, dict]:
+    """The per-dataset records of a marker file (``{}`` when absent or unreadable).
+
+    A marker written before markers held several datasets (one flat record) counts for its ``name`` only.
+    """
+    if not marker.is_file():
+        return {}
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        log.warning("unreadable marker %s: ignored", marker)
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    if isinstance(data.get("datasets"), dict):
+        return {str(k): v for k, v in data["datasets"].items() if isinstance(v, dict)}
+    return {str(data["name"]): data} if "name" in data else {}
+
+
+def _member_sizes(archive: Path) -> dict[str, int]:
+    """``{member name: size in bytes}`` of the regular files in a tar or zip archive."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            return {i.filename: i.file_size for i in zf.infolist() if not i.is_dir()}
+    with tarfile.open(archive, "r:*") as tf:
+        return {m.name: m.size for m in tf.getmembers() if m.isfile()}
