@@ -8,13 +8,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["check_image", "check_disp", "check_same_spatial", "check_finite", "check_options", "check_keypoints",
+__all__ = ["NonFiniteError", "check_image", "check_disp", "check_same_spatial", "check_finite", "check_options", "check_keypoints",
            "check_image_dtype", "check_unit_range", "UNIT_RANGE_TOL", "LOADER_RANGE_TOL",
            "to_unit_range"]
 
 
+class NonFiniteError(ValueError):
+    """A tensor holds NaN or inf. A ``ValueError``, so that bad input reads as bad input; the trainer tells it apart
+    from other ``ValueError``s to report a diverging run (a NaN computed from finite images) as divergence."""
+
+
 def check_finite(x: Tensor, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or inf.
+    """Raise :class:`NonFiniteError` (a ``ValueError``) if ``x`` holds NaN or inf.
 
     One reduction in the common case: a sum is finite only if every term is (NaN and inf propagate). Only when
     the sum is not finite (a bad value, or an overflow of large finite values) does the exact element-wise check
@@ -24,7 +29,7 @@ def check_finite(x: Tensor, name: str) -> None:
         return
     if not torch.isfinite(x).all():
         n_bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} holds {n_bad} NaN or inf values; expected finite numbers")
+        raise NonFiniteError(f"{name} holds {n_bad} NaN or inf values; expected finite numbers")
 
 
 def check_image(x: Tensor, name: str = "image", finite: bool = True) -> int:

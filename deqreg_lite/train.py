@@ -72,6 +72,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checks import NonFiniteError
 from .config import default_device, seed_everything
 
 __all__ = ["Trainer", "TrainingDivergedError", "RunExistsError", "save_checkpoint", "load_checkpoint", "load_method",
@@ -615,10 +616,10 @@ class Trainer:
                     stats = self.method.training_step(fixed, moving, self.loss_fn, backward=backward)
             else:
                 stats = self.method.training_step(fixed, moving, self.loss_fn, backward=Tensor.backward)
-        except ValueError as exc:
+        except NonFiniteError as exc:
             # A method or loss check that found NaN/inf in something computed from finite images: divergence,
             # not bad input. (Non-finite images keep their input-check message.)
-            if _NONFINITE.search(str(exc)) and _all_finite(fixed, moving):
+            if _all_finite(fixed, moving):
                 raise self._diverged(f"{exc}") from exc
             raise
         if not isinstance(stats, Mapping) or "loss" not in stats:
@@ -801,9 +802,6 @@ class Trainer:
             bar.close()
         self._save_last()
         return self.history
-
-
-_NONFINITE = re.compile(r"\bnan\b|\binf\b|non-?finite|not finite", re.IGNORECASE)
 
 
 def _all_finite(*tensors: Tensor) -> bool:
