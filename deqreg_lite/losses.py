@@ -85,9 +85,10 @@ def lncc(a: Tensor, b: Tensor, win: int = 5, eps: float = LNCC_EPS, reduction: s
     only an all-zero image has ``s2 = 0``; it then counts as 1).
 
     Why the floor is relative: it makes ``lncc`` exactly invariant to the intensity scale (``lncc(c * a, b) ==
-    lncc(a, b)`` for any ``c > 0``, up to rounding), and it keeps the gradient finite and well-conditioned where a
-    patch is flat or nearly so (background, the edge of the brain): a local variance far below ``eps`` times the
-    image's variance (rounding error, faint noise) cannot decide the result. The price: a patch whose own variance is
+    lncc(a, b)`` for any ``c > 0``, up to rounding, as long as the product of the two floored variances is a normal
+    float: in float32, for intensity scales down to about ``1e-8``), and it keeps the gradient finite and
+    well-conditioned where a patch is flat or nearly so (background, the edge of the brain): a local variance far
+    below ``eps`` times the image's variance (rounding error, faint noise) cannot decide the result. The price: a patch whose own variance is
     not much larger than ``eps * s2`` has ``|cc| < 1`` even when ``b`` is a linear function of ``a``
     (``var / (var + eps * s2)``; with the default ``eps = 1e-5`` that is below 0.999 only for patches whose
     variance is under 1% of the image's).
@@ -123,19 +124,20 @@ def lncc(a: Tensor, b: Tensor, win: int = 5, eps: float = LNCC_EPS, reduction: s
     var_a = torch.addcmul(aa, mu_a, mu_a, value=-1.0).clamp_min(0.0)
     var_b = torch.addcmul(bb, mu_b, mu_b, value=-1.0).clamp_min(0.0)
     cov = torch.addcmul(ab, mu_a, mu_b, value=-1.0)
-    # two rsqrt rather than one of the product: the product of two tiny variances would underflow first
-    cc = cov * torch.rsqrt(var_a + _variance_floor(a, a2, eps)) * torch.rsqrt(var_b + _variance_floor(b, b2, eps))
-    cc = cc.clamp(-1.0, 1.0)
+    den = (var_a + _variance_floor(a, a2, eps)) * (var_b + _variance_floor(b, b2, eps))
+    cc = (cov * torch.rsqrt(den)).clamp(-1.0, 1.0)
     return cc.mean() if reduction == "mean" else cc
 
 
 def _variance_floor(x: Tensor, x2: Tensor, eps: float) -> Tensor:
-    """``eps * s2(x)`` per sample and channel, ``(B, C, 1, ...)``, given ``x2 = x * x``: ``s2`` is the global variance
-    (two-pass, so no cancellation) plus ``1e-6`` times the mean square, homogeneous of degree 2 in ``x`` and 0 only
-    for an all-zero image, where it is replaced by 1."""
+    """``eps * s2(x)`` per sample and channel, ``(B, C, 1, ...)``, given ``x2 = x * x``: ``s2 = (1 + 1e-6) E[x^2] -
+    E[x]^2`` over the whole image (the global variance plus 1e-6 of the mean square), homogeneous of degree 2 in
+    ``x`` and 0 only for an all-zero image, where it is replaced by 1. One pass each over ``x`` and ``x2``; the
+    cancellation of this form costs a floor only relative accuracy ``~1e-7 E[x^2] / var``, plenty for a floor."""
     dims = tuple(range(2, x.dim()))
-    s2 = torch.var(x, dim=dims, keepdim=True, correction=0).add_(x2.mean(dim=dims, keepdim=True), alpha=1e-6)
-    return torch.where(s2 > 0, s2, torch.ones_like(s2)).mul_(eps)
+    mean = x.mean(dim=dims, keepdim=True)
+    s2 = torch.addcmul(x2.mean(dim=dims, keepdim=True) * (1.0 + 1e-6), mean, mean, value=-1.0).clamp_min(0.0)
+    return torch.where(s2 > 0, s2, torch.ones_like(s2)) * eps
 
 
 def mse(a: Tensor, b: Tensor) -> Tensor:
