@@ -94,7 +94,11 @@ def lncc(a: Tensor, b: Tensor, win: int = 5, eps: float = LNCC_EPS, reduction: s
     variance is under 1% of the image's).
 
     On a flat patch (zero variance) the covariance is 0 too, so ``cc`` is 0: finite, never NaN, with a finite
-    gradient.
+    gradient. The limit of float32: ``E[x^2] - E[x]^2`` cancels, so a window whose variance is below about ``1e-6``
+    of its mean square (a flat patch at a nonzero intensity) gets a variance and a covariance made of rounding, and
+    its ``cc`` (which the floor keeps small, up to about 0.1 with the default ``eps``) is rounding too; a flat patch
+    at 0 (a zero background) is exact. The network-input gradient of GraDIRN and RIIR uses a far larger floor
+    (:data:`deqreg_lite.methods._common.GRAD_EPS`), where this does not show.
 
     Args:
         a, b: ``(B, C, *spatial)`` images with 2 or 3 spatial axes.
