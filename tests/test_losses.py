@@ -49,6 +49,17 @@ def test_lncc_sign_and_range(rng):
     assert lncc(a, b).item() < lncc(a, a).item()
 
 
+def test_lncc_eps_is_relative_to_the_image_variance(rng):
+    """The floor scales with each image: a uniform intensity scale changes nothing (was: an absolute 1e-8)."""
+    a = smooth_image((16, 18), rng)
+    b = 0.5 * a + 0.5 * smooth_image((16, 18), rng)
+    for c in (1e-6, 1e-3, 1e3):
+        np.testing.assert_allclose(lncc(c * a, b, reduction="none"), lncc(a, b, reduction="none"), atol=1e-12)
+    assert LNCC().eps == LNCC_EPS == 1e-5
+    # a larger floor lowers |cc| where the local variance is small, never raises it
+    assert (lncc(a, b, eps=0.2, reduction="none").abs() <= lncc(a, b, reduction="none").abs() + 1e-15).all()
+
+
 def test_lncc_finite_on_flat_patches(rng):
     flat = torch.zeros(1, 1, 16, 16, dtype=torch.float64)
     b = smooth_image((16, 16), rng).requires_grad_(True)
@@ -116,6 +127,9 @@ def test_bad_inputs_raise(rng):
         lncc(a, a, win=4)
     with pytest.raises(ValueError, match="NaN"):
         lncc(a, torch.full_like(a, float("nan")))
+    for eps in (0.0, -1e-5, float("inf"), "1e-5"):
+        with pytest.raises(ValueError, match="eps"):
+            lncc(a, a, eps=eps)
     with pytest.raises(ValueError, match="similarity"):
         Objective("ncc")
     with pytest.raises(ValueError, match="lam"):
