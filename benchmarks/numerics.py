@@ -19,7 +19,7 @@ What it measures (every number in one run, on the CPU unless ``--device``):
   this change (absolute ``eps = 1e-8`` on ``var_a * var_b``, written out here) against ``lncc`` now, interleaved
   rounds, median ratio.
 
-    python benchmarks/numerics.py              # ~2-4 min on one CPU thread; writes results/numerics.{json,md}
+    python benchmarks/numerics.py              # ~30 s on one quiet CPU thread; writes results/numerics.{json,md}
     python benchmarks/numerics.py --quick      # smoke run: two methods, fewer rounds, to a temporary folder
 
 Options: ``--methods`` (comma-separated subset of the shipped names), ``--threads`` (default 1), ``--device``
@@ -247,11 +247,13 @@ def markdown(result: dict) -> str:
                      f"| {v['lncc(a, a)']:.4f} |")
     dd = s["classical Adam register (80x96), Dice"]
     lines += ["", "`a` = the fixed image of brain2d: its flat background (about a quarter of the voxels) has "
-              "correlation 0, so lncc(a, a) < 1 at any scale.", "", "Classical registration (Adam, 80x96, lncc now), Dice: " +
-              ", ".join(f"{k} {v:.3f}" for k, v in dd.items()) + ".", "",
+              "correlation 0, so lncc(a, a) < 1 at any scale.", "",
+              "Classical registration (Adam, 80x96, lncc now), Dice: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in dd.items()) + ".", "",
               "## Shipped methods", "",
               f"Max-abs displacement differences in voxels of the 160x192 grid. Goals: float32 vs float64 <= "
-              f"{g['float64_vox']:g}, {NOISE:g} noise <= {g['noise_vox']:g}, mixed batch vs alone <= {g['batch_vox']:g}.",
+              f"{g['float64_vox']:g}, {NOISE:g} noise <= {g['noise_vox']:g}, "
+              f"mixed batch vs alone <= {g['batch_vox']:g}.",
               "", "| method | float32 vs float64 | noise 1e-4 | batch vs alone | Dice (float32) | Dice (float64) | s |",
               "|---|---|---|---|---|---|---|"]
     for r in result["methods"]:
@@ -260,10 +262,11 @@ def markdown(result: dict) -> str:
                      f"| {r['batch_vox']:.1e} ({ok(r['batch_vox'], g['batch_vox'])}) | {r['dice']:.3f} "
                      f"| {r['dice_float64']:.3f} | {r['seconds']:.1f} |")
     sp = result["speed"]
+    load = sp["background_load_cores"]
     lines += ["", "## Speed of lncc (forward + backward, 8x1x160x192, float32, CPU)", "",
               f"before {sp['median_ms']['before']:.2f} ms, now {sp['median_ms']['now']:.2f} ms: now / before = "
               f"{sp['now / before']:.2f}x (median of {sp['rounds']} interleaved rounds; background load "
-              f"{sp['background_load_cores'] if sp['background_load_cores'] is None else round(sp['background_load_cores'], 2)} cores)."]
+              f"{'n/a' if load is None else round(load, 2)} cores)."]
     return "\n".join(lines) + "\n"
 
 

@@ -86,11 +86,11 @@ def lncc(a: Tensor, b: Tensor, win: int = 5, eps: float = LNCC_EPS, reduction: s
 
     Why the floor is relative: it makes ``lncc`` exactly invariant to the intensity scale (``lncc(c * a, b) ==
     lncc(a, b)`` for any ``c > 0``, up to rounding, as long as the product of the two floored variances is a normal
-    float: in float32, for intensity scales down to about ``1e-8``), and it keeps the gradient finite and
-    well-conditioned where a patch is flat or nearly so (background, the edge of the brain): a local variance far
-    below ``eps`` times the image's variance (rounding error, faint noise) cannot decide the result. The price: a patch whose own variance is
-    not much larger than ``eps * s2`` has ``|cc| < 1`` even when ``b`` is a linear function of ``a``
-    (``var / (var + eps * s2)``; with the default ``eps = 1e-5`` that is below 0.999 only for patches whose
+    float: in float32, for intensity scales down to about ``1e-8``), and it bounds the correlation and its gradient
+    where a patch is flat or nearly so (background, the edge of the brain): there a variance far below
+    ``eps * s2`` (faint noise) changes ``cc`` by little, whatever the intensity scale. The price: a patch whose
+    own variance is not much larger than ``eps * s2`` has ``|cc| < 1`` even when ``b`` is a linear function of
+    ``a`` (``var / (var + eps * s2)``; with the default ``eps = 1e-5`` that is below 0.999 only for patches whose
     variance is under 1% of the image's).
 
     On a flat patch (zero variance) the covariance is 0 too, so ``cc`` is 0: finite, never NaN, with a finite

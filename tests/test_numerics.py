@@ -75,7 +75,9 @@ def test_input_noise_moves_fields_little(brain, name):
     f, m = brain["fixed"], brain["moving"]
     g = torch.Generator().manual_seed(1)
     ref = _disp(model, f, m)
-    for nf, nm in ((f + NOISE * torch.randn(f.shape, generator=g), m), (f, m + NOISE * torch.randn(m.shape, generator=g))):
+    noisy_f = f + NOISE * torch.randn(f.shape, generator=g)
+    noisy_m = m + NOISE * torch.randn(m.shape, generator=g)
+    for nf, nm in ((noisy_f, m), (f, noisy_m)):
         assert (_disp(model, nf, nm) - ref).abs().max().item() <= 0.1
 
 
