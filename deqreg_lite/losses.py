@@ -10,6 +10,7 @@ learned step read alike (as in GraDIRN).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -18,7 +19,10 @@ from torch import Tensor, nn
 from ._checks import check_disp, check_image, check_options, check_same_spatial
 from .warp import warp
 
-__all__ = ["box_mean", "lncc", "mse", "diffusion", "Objective", "LNCC", "Diffusion"]
+__all__ = ["box_mean", "lncc", "mse", "diffusion", "Objective", "LNCC", "Diffusion", "LNCC_EPS"]
+
+#: default variance floor of :func:`lncc`, relative to each image's global variance.
+LNCC_EPS = 1e-5
 
 
 def _box_sum(x: Tensor, win: int) -> Tensor:
@@ -67,21 +71,43 @@ def box_mean(x: Tensor, win: int) -> Tensor:
     return _BoxMean.apply(x, win)
 
 
-def lncc(a: Tensor, b: Tensor, win: int = 5, eps: float = 1e-8, reduction: str = "mean") -> Tensor:
+def lncc(a: Tensor, b: Tensor, win: int = 5, eps: float = LNCC_EPS, reduction: str = "mean") -> Tensor:
     """Local normalised cross-correlation, a **similarity** in [-1, 1] (higher is better).
 
-    For every voxel, the Pearson correlation of ``a`` and ``b`` over a ``win``-wide box (``win**ndim`` voxels,
-    zero padding at the border, as in VoxelMorph):
+    For every voxel, the correlation of ``a`` and ``b`` over a ``win``-wide box (``win**ndim`` voxels, zero
+    padding at the border, as in VoxelMorph), with each local variance floored by a small fraction of that image's
+    own global variance:
 
-        ``cc = cov(a, b) / sqrt(var(a) * var(b) + eps)``.
+        ``cc = cov(a, b) / sqrt((var(a) + eps * s2(a)) * (var(b) + eps * s2(b)))``,
 
-    On a flat patch (zero variance) the covariance is 0 too, so ``cc`` is 0: finite, never NaN.
+    where ``var`` and ``cov`` are the box statistics (``E[xy] - E[x] E[y]`` over the box) and ``s2(x)`` is the
+    variance of ``x`` over the whole image, per sample and channel, plus ``1e-6`` times its mean square (so that
+    only an all-zero image has ``s2 = 0``; it then counts as 1).
+
+    Why the floor is relative: it makes ``lncc`` exactly invariant to the intensity scale (``lncc(c * a, b) ==
+    lncc(a, b)`` for any ``c > 0``, up to rounding, as long as the product of the two floored variances is a normal
+    float: in float32, for intensity scales down to about ``1e-8``), and it bounds the correlation and its gradient
+    where a patch is flat or nearly so (background, the edge of the brain): there a variance far below
+    ``eps * s2`` (faint noise) changes ``cc`` by little, whatever the intensity scale. The price: a patch whose
+    own variance is not much larger than ``eps * s2`` has ``|cc| < 1`` even when ``b`` is a linear function of
+    ``a`` (``var / (var + eps * s2)``; with the default ``eps = 1e-5`` that is below 0.999 only for patches whose
+    variance is under 1% of the image's).
+
+    On a flat patch (zero variance) the covariance is 0 too, so ``cc`` is 0: finite, never NaN, with a finite
+    gradient. The limit of float32: ``E[x^2] - E[x]^2`` cancels, so a window whose variance is below about ``1e-6``
+    of its mean square (a flat patch at a nonzero intensity) gets a variance and a covariance made of rounding, and
+    its ``cc`` (which the floor keeps small, up to about 0.1 with the default ``eps``) is rounding too; a flat patch
+    at 0 (a zero background) is exact. The network-input gradient of GraDIRN and RIIR uses a far larger floor
+    (:data:`deqreg_lite.methods._common.GRAD_EPS`), where this does not show.
 
     Args:
         a, b: ``(B, C, *spatial)`` images with 2 or 3 spatial axes.
         win: odd window width in voxels (the paper uses 5).
-        eps: added under the square root; it keeps flat patches finite.
-        reduction: ``"mean"`` gives a scalar, ``"none"`` the map ``(B, C, *spatial)``.
+        eps: the variance floor, **relative** to each image's global variance ``s2``; a number > 0.
+            (Before this version ``eps`` was an absolute ``1e-8`` added to ``var(a) * var(b)``, which made ``lncc``
+            depend on the intensity scale and left its gradient to rounding on flat patches.)
+        reduction: ``"mean"`` gives a scalar (the mean over batch, channels and voxels), ``"none"`` the map
+            ``(B, C, *spatial)``.
     Returns:
         The mean local correlation, or its map. Use ``1 - lncc(a, b)`` as a loss.
     """
@@ -91,16 +117,31 @@ def lncc(a: Tensor, b: Tensor, win: int = 5, eps: float = 1e-8, reduction: str =
         raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must have the same shape")
     if win < 1 or win % 2 == 0:
         raise ValueError(f"win must be a positive odd integer, got {win}")
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < math.inf):
+        raise ValueError(f"eps must be a number > 0 (a variance floor relative to the image's variance), got {eps!r}")
     check_options(reduction, ("mean", "none"), "reduction")
     # One box filter per statistic rather than one on a 5-channel stack: each pass stays cache-sized, and
     # autograd only runs the backward of the statistics that depend on an input that needs a gradient.
     mu_a, mu_b = box_mean(a, win), box_mean(b, win)
-    aa, bb, ab = box_mean(a * a, win), box_mean(b * b, win), box_mean(a * b, win)
+    a2, b2 = a * a, b * b
+    aa, bb, ab = box_mean(a2, win), box_mean(b2, win), box_mean(a * b, win)
     var_a = torch.addcmul(aa, mu_a, mu_a, value=-1.0).clamp_min(0.0)
     var_b = torch.addcmul(bb, mu_b, mu_b, value=-1.0).clamp_min(0.0)
     cov = torch.addcmul(ab, mu_a, mu_b, value=-1.0)
-    cc = (cov * torch.rsqrt(var_a * var_b + eps)).clamp(-1.0, 1.0)
+    den = (var_a + _variance_floor(a, a2, eps)) * (var_b + _variance_floor(b, b2, eps))
+    cc = (cov * torch.rsqrt(den)).clamp(-1.0, 1.0)
     return cc.mean() if reduction == "mean" else cc
+
+
+def _variance_floor(x: Tensor, x2: Tensor, eps: float) -> Tensor:
+    """``eps * s2(x)`` per sample and channel, ``(B, C, 1, ...)``, given ``x2 = x * x``: ``s2 = (1 + 1e-6) E[x^2] -
+    E[x]^2`` over the whole image (the global variance plus 1e-6 of the mean square), homogeneous of degree 2 in
+    ``x`` and 0 only for an all-zero image, where it is replaced by 1. One pass each over ``x`` and ``x2``; the
+    cancellation of this form costs a floor only relative accuracy ``~1e-7 E[x^2] / var``, plenty for a floor."""
+    dims = tuple(range(2, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    s2 = torch.addcmul(x2.mean(dim=dims, keepdim=True) * (1.0 + 1e-6), mean, mean, value=-1.0).clamp_min(0.0)
+    return torch.where(s2 > 0, s2, torch.ones_like(s2)) * eps
 
 
 def mse(a: Tensor, b: Tensor) -> Tensor:
@@ -204,7 +245,7 @@ class Objective:
 class LNCC(nn.Module):
     """Module form of :func:`lncc` (a similarity, higher is better)."""
 
-    def __init__(self, win: int = 5, eps: float = 1e-8) -> None:
+    def __init__(self, win: int = 5, eps: float = LNCC_EPS) -> None:
         super().__init__()
         self.win, self.eps = win, eps
 

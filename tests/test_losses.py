@@ -6,13 +6,16 @@ import pytest
 import torch
 
 from conftest import smooth_field, smooth_image
-from deqreg_lite.losses import LNCC, Diffusion, Objective, diffusion, lncc, mse
+from deqreg_lite.losses import LNCC, LNCC_EPS, Diffusion, Objective, diffusion, lncc, mse
 
 
 def naive_lncc_map(a: np.ndarray, b: np.ndarray, win: int, eps: float) -> np.ndarray:
-    """Pearson correlation in every window, zero padding, written as plainly as possible."""
+    """Correlation in every window, zero padding, each local variance floored by ``eps`` times the image's global
+    variance (+ 1e-6 of its mean square), written as plainly as possible."""
     r = win // 2
     pa, pb = np.pad(a, r), np.pad(b, r)
+    fa = eps * (a.var() + 1e-6 * (a * a).mean())
+    fb = eps * (b.var() + 1e-6 * (b * b).mean())
     out = np.zeros_like(a)
     for idx in itertools.product(*[range(s) for s in a.shape]):
         sl = tuple(slice(i, i + win) for i in idx)
@@ -20,7 +23,7 @@ def naive_lncc_map(a: np.ndarray, b: np.ndarray, win: int, eps: float) -> np.nda
         cov = (wa * wb).mean() - wa.mean() * wb.mean()
         va = max((wa * wa).mean() - wa.mean() ** 2, 0.0)
         vb = max((wb * wb).mean() - wb.mean() ** 2, 0.0)
-        out[idx] = np.clip(cov / np.sqrt(va * vb + eps), -1, 1)
+        out[idx] = np.clip(cov / np.sqrt((va + fa) * (vb + fb)), -1, 1)
     return out
 
 
@@ -29,7 +32,7 @@ def test_lncc_matches_naive_loop(shape, win, rng):
     a = smooth_image(shape, rng)
     b = 0.6 * a + 0.4 * smooth_image(shape, rng)
     ours = lncc(a, b, win=win, reduction="none")[0, 0].numpy()
-    ref = naive_lncc_map(a[0, 0].numpy(), b[0, 0].numpy(), win, 1e-8)
+    ref = naive_lncc_map(a[0, 0].numpy(), b[0, 0].numpy(), win, LNCC_EPS)
     np.testing.assert_allclose(ours, ref, atol=1e-8)
     assert abs(lncc(a, b, win=win).item() - ref.mean()) < 1e-8
 
@@ -44,6 +47,17 @@ def test_lncc_sign_and_range(rng):
     b = smooth_image((20, 20), rng)
     assert -1 <= lncc(a, b).item() <= 1
     assert lncc(a, b).item() < lncc(a, a).item()
+
+
+def test_lncc_eps_is_relative_to_the_image_variance(rng):
+    """The floor scales with each image: a uniform intensity scale changes nothing (was: an absolute 1e-8)."""
+    a = smooth_image((16, 18), rng)
+    b = 0.5 * a + 0.5 * smooth_image((16, 18), rng)
+    for c in (1e-6, 1e-3, 1e3):
+        np.testing.assert_allclose(lncc(c * a, b, reduction="none"), lncc(a, b, reduction="none"), atol=1e-12)
+    assert LNCC().eps == LNCC_EPS == 1e-5
+    # a larger floor lowers |cc| where the local variance is small, never raises it
+    assert (lncc(a, b, eps=0.2, reduction="none").abs() <= lncc(a, b, reduction="none").abs() + 1e-15).all()
 
 
 def test_lncc_finite_on_flat_patches(rng):
@@ -113,6 +127,9 @@ def test_bad_inputs_raise(rng):
         lncc(a, a, win=4)
     with pytest.raises(ValueError, match="NaN"):
         lncc(a, torch.full_like(a, float("nan")))
+    for eps in (0.0, -1e-5, float("inf"), "1e-5"):
+        with pytest.raises(ValueError, match="eps"):
+            lncc(a, a, eps=eps)
     with pytest.raises(ValueError, match="similarity"):
         Objective("ncc")
     with pytest.raises(ValueError, match="lam"):

@@ -2,7 +2,7 @@
 
 Each step at level ``l`` (images resampled to that level, displacement in that level's voxels)::
 
-    g    = normalise(d(1 - LNCC(If, Im o phi)) / d phi)         # max|g| = 1 per sample
+    g    = normalise(d(1 - LNCC(If, Im o phi)) / d phi)         # max|g| = 1 per sample (similarity_grad)
     phi <- phi + CNN_l([If, Im o phi, phi, g]) - eta_l * g
 
 with ``levels`` levels (default 3: 1/4, 1/2, 1) and ``steps_per_level`` steps each; the field is upsampled
@@ -16,7 +16,11 @@ Design choices (documented because the paper leaves them open):
 * **The similarity gradient is an input**: computed with ``create_graph=False`` on a detached field, in training too,
   so no second derivatives are taken (cheaper, and ``grid_sample``'s double backward is not needed); the gradient of
   the training loss flows through the CNN and the identity path only. It is normalised by its max-abs per sample, so
-  the step is scale-free (``eta_l`` is in voxels).
+  the step is scale-free (``eta_l`` is in voxels). It is :func:`~deqreg_lite.methods._common.similarity_grad`:
+  the chain rule with the moving image's central-difference gradient (continuous in ``phi``, so float32, float64,
+  CPU and CUDA agree; the exact derivative of the bilinear warp is one-sided on grid lines, where rounding picks the
+  side) and an LNCC with a strong variance floor (``GRAD_EPS``), so that faint noise on flat patches does not
+  steer the iteration.
 * Images are blurred (a box about the reduction factor wide) and resampled with ``align_corners=True``, the grid
   convention of ``resize_disp``; sizes are ``max(2, s // 2**(levels - 1 - l))``. The U-Nets pad any size.
 * ``steps`` at test time sets the number of steps at the **highest** level; coarser levels always run

@@ -9,8 +9,9 @@ One step, with hidden state ``h`` (``h_0 = 0``, ``phi_0 = 0``)::
 Design choices:
 
 * **Similarity gradient as input** (``use_grad=True``): RIIR descends from recurrent inference machines, whose
-  input is the gradient of the data term. It is computed like GraDIRN's, without a graph
-  (``create_graph=False``) and normalised by its max-abs per sample; ``use_grad=False`` gives the plain
+  input is the gradient of the data term. It is computed like GraDIRN's
+  (:func:`~deqreg_lite.methods._common.similarity_grad`: central-difference image gradient, strong LNCC variance
+  floor), without a graph and normalised by its max-abs per sample; ``use_grad=False`` gives the plain
   ``[If, Im o phi, phi]`` input of the other iterative methods.
 * **Loss** (Eq. 4): ``sum_t w_t L(phi_t) / sum_t w_t`` with ``w_t = 10**((t-1)/(T-1))`` (``w = 1`` for ``T = 1``).
   The weights are **normalised to sum to 1**, so the reported loss is a weighted mean of per-step losses, on the
