@@ -340,7 +340,7 @@ class DEQ(nn.Module):
         * The traces are rebuilt here from the calls its solver makes (torchdeq's own cover the last slice only
           and start with a 1e8 placeholder); ``nfe`` counts those calls and ``grad_nfe`` the others. torchdeq
           picks the lowest-residual iterate per sample; ``best_step`` is the latest such step of the batch.
-        * Divergence (NaN/inf and blow-up, not the growth check) is checked on the rebuilt batch-maximum traces
+        * Divergence (NaN/inf and blow-up, not the growth check nor ``max_abs``) is checked on the rebuilt batch-maximum traces
           after the solve (torchdeq itself never stops on it); the ``sample_*`` fields stay empty.
         """
         from torchdeq import get_deq
@@ -349,7 +349,8 @@ class DEQ(nn.Module):
         opts = dict(self.solver_options)
         policy = opts.pop("return_policy", "lowest")
         on_diverge, factor = opts.pop("on_diverge", "raise"), opts.pop("diverge_factor", 1e3)
-        opts.pop("growth_window", None)  # the growth check is this library's; torchdeq has none
+        opts.pop("growth_window", None)  # the growth check and the bound are this library's; torchdeq has none
+        opts.pop("max_abs", None)
         check_options(policy, ("lowest", "last"), "return_policy")
         check_options(on_diverge, ("raise", "flag"), "on_diverge")
         if self.solver == "broyden" and "m" in opts:

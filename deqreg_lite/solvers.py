@@ -24,17 +24,21 @@ Conventions shared by every solver
   shrinks as the norm grows (``z -> 1.05 z + 1``: from 1 towards 0.048), so it would pick the most diverged
   iterate, while the absolute residual picks the least diverged one. ``info.sample_best_step`` says which step.
 * **Divergence**, per sample, judged while it runs. (a) A NaN or inf; (b) a residual above ``diverge_factor``
-  times the sample's first one (a blow-up); (c) **growth**: at step ``k >= growth_window`` (``w``, default 16), the norm
-  ``||f(z_k)||`` reaches a new high, at least 1.25 times its maximum up to step ``k - w``, while the residual
-  made no progress: its minimum over the last ``w`` steps is still at least 0.9 times its minimum up to step
-  ``k - w``. (Minima and maxima, so that one spike, as quasi-Newton steps make, or a bounded wandering, as
-  Anderson's on a map without a fixed point, is no verdict.) (c) catches slow expansions that never reach (b): ``z -> 1.05 z + 1`` at step
-  16 (its residual grows 1.05x a step, 1000x only after 142 steps), a drift ``z -> z + c`` at step 16, and a
-  DEQReg fed 0..255 images (its residual stalls near 7e3 while the field drifts to thousands of voxels) at step
-  37. A contraction's residual shrinks at its rate ``rho`` a step, so (c) leaves alone every contraction with
-  ``rho < 0.9 ** (1 / 16) = 0.9934`` (the ``rho = 0.99`` linear maps of the tests) and a bounded
-  oscillation (the shipped DEQReg, whose residual stays near 140 while the norm stays flat). A contraction slower
-  than that, still growing 25% in 16 steps, is flagged: pass ``growth_window=0`` (or a longer window) for it.
+  times the sample's first one (a blow-up); (c) **growth**: at step ``k >= growth_window`` (``w``, default 16),
+  the norm ``||f(z_k)||`` reaches a new high, at least 1.25 times its maximum up to step ``k - w``, while the
+  residual made no progress: its minimum over the last ``w`` steps is still at least 0.9 times its minimum up to
+  step ``k - w``. (Minima and maxima, so that one spike, as quasi-Newton steps make, or a bounded wandering, as
+  Anderson's on a map without a fixed point, is no verdict.) (c) catches slow expansions that never reach (b):
+  ``z -> 1.05 z + 1`` at step 16 (its residual grows 1.05x a step, 1000x only after 142 steps) and a drift
+  ``z -> z + c`` at step 16. A contraction's residual shrinks at its rate ``rho`` a step, so (c) leaves alone
+  every contraction with ``rho < 0.9 ** (1 / 16) = 0.9934`` (the ``rho = 0.99`` linear maps of the tests) and a
+  bounded oscillation (the shipped DEQReg on brain2d: relative residual near 0.5, norm flat). A contraction
+  slower than that whose norm still rises 25% in 16 steps is flagged: pass ``growth_window=0`` (off) or a longer
+  window for it. (d) **A bound**, when the caller knows one: an entry of ``f(z_k)`` larger than ``max_abs`` in
+  magnitude (default ``inf``: none). No trace rule tells a slow drift towards an absurd "fixed point" from a
+  slow contraction (the shipped DEQReg fed 0..255 images: its residual falls 0.8x per 16 steps while its norm
+  rises 1.1x, towards displacements of ~10^4 voxels); a bound does: DEQReg passes the image size, since no
+  displacement moves a voxel farther than that.
   ``on_diverge="raise"`` (the default) raises :class:`SolverDivergedError` at the first diverged sample; with
   ``on_diverge="flag"`` that sample stops, ``info.diverged`` and ``info.sample_diverged[i]`` are set, and the
   others run on. A NaN never comes back silently.
@@ -141,7 +145,8 @@ class _Run:
     candidates, stop (freeze) each sample on its own, judge divergence per sample (module docstring)."""
 
     def __init__(self, name: str, f: Map, z0: Tensor, max_iter: int, tol: float, return_policy: str,
-                 on_diverge: str, diverge_factor: float, callback: Callback, growth_window: int) -> None:
+                 on_diverge: str, diverge_factor: float, callback: Callback, growth_window: int,
+                 max_abs: float = math.inf) -> None:
         if not callable(f):
             raise TypeError(f"f must be callable, got {type(f).__name__}")
         _check_z0(z0)
@@ -156,8 +161,11 @@ class _Run:
         if isinstance(growth_window, bool) or not isinstance(growth_window, int) or growth_window < 0:
             raise ValueError(f"growth_window must be an integer >= 0 (0 turns the growth check off), "
                              f"got {growth_window!r}")
+        if isinstance(max_abs, bool) or not isinstance(max_abs, (int, float)) or not max_abs > 0:
+            raise ValueError(f"max_abs must be a number > 0 (math.inf: no bound), got {max_abs!r}")
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+        self.max_abs = float(max_abs)
         self.f, self.z0, self.max_iter, self.tol = f, z0, max_iter, float(tol)
         self.on_diverge, self.diverge_factor, self.callback = on_diverge, float(diverge_factor), callback
         self.growth_window = growth_window
@@ -225,6 +233,9 @@ class _Run:
                 recent = torch.stack(self.hist_abs[k - w + 1:]).amin(dim=0)  # min over the last w steps
                 grow = ((recent >= GROWTH_RESIDUAL * self.hist_min[k - w])
                         & (norm >= GROWTH_NORM * self.hist_max[k - w]))
+            if self.max_abs < math.inf:
+                big = fz.detach().reshape(batch, -1).abs().amax(dim=1) > self.max_abs
+                grow = grow | big
             nonfinite, blow, grow = act & ~finite, act & finite & blow, act & finite & grow
             bad = nonfinite | blow | grow
             good = act & ~bad
@@ -236,6 +247,8 @@ class _Run:
                 elif blow[i]:
                     reason = (f"the residual grew above {self.diverge_factor:g} x the first one "
                               f"({float(self.first[i]):.4g})")
+                elif self.max_abs < math.inf and float(fz[i].detach().abs().max()) > self.max_abs:
+                    reason = f"an entry of f(z) exceeds max_abs = {self.max_abs:g} in magnitude"
                 else:
                     reason = (f"the iterate's norm rose {GROWTH_NORM:g}x above its maximum of {w} steps before while "
                               f"the residual did not fall below {GROWTH_RESIDUAL:g}x its earlier minimum (a slow "
@@ -290,7 +303,8 @@ def _check_tau(tau: float) -> None:
 
 def fixed_point(f: Map, z0: Tensor, max_iter: int = 50, tol: float = 1e-3, tau: float = 1.0, *,
                 return_policy: str = "lowest", on_diverge: str = "raise", diverge_factor: float = 1e3,
-                growth_window: int = GROWTH_WINDOW, callback: Callback = None,
+                growth_window: int = GROWTH_WINDOW, max_abs: float = math.inf,
+                callback: Callback = None,
                 track_graph: bool = False) -> tuple[Tensor, SolverInfo]:
     """Plain fixed-point iteration, damped when ``tau < 1``: ``z <- tau * f(z) + (1 - tau) * z``.
 
@@ -300,7 +314,7 @@ def fixed_point(f: Map, z0: Tensor, max_iter: int = 50, tol: float = 1e-3, tau: 
         max_iter: most steps (= calls of ``f``).
         tol: relative tolerance on ``||f(z) - z|| / ||f(z)||`` (every sample).
         tau: damping in ``(0, 1]``.
-        return_policy, on_diverge, diverge_factor, growth_window, callback: see the module docstring.
+        return_policy, on_diverge, diverge_factor, growth_window, max_abs, callback: see the module docstring.
         track_graph: build the autograd graph through every step (backpropagation through time). Only the
             DEQ's ``grad="bptt"`` mode needs it; the residual bookkeeping stays outside the graph.
     Returns:
@@ -308,7 +322,7 @@ def fixed_point(f: Map, z0: Tensor, max_iter: int = 50, tol: float = 1e-3, tau: 
     """
     _check_tau(tau)
     run = _Run("fixed_point", f, z0, max_iter, tol, return_policy, on_diverge, diverge_factor, callback,
-               growth_window)
+               growth_window, max_abs)
     with torch.set_grad_enabled(track_graph and torch.is_grad_enabled()):
         z = z0
         for k in range(max_iter):
@@ -321,7 +335,7 @@ def fixed_point(f: Map, z0: Tensor, max_iter: int = 50, tol: float = 1e-3, tau: 
 
 def anderson(f: Map, z0: Tensor, m: int = 6, lam: float = 1e-4, max_iter: int = 50, tol: float = 1e-3,
              tau: float = 1.0, *, return_policy: str = "lowest", on_diverge: str = "raise",
-             diverge_factor: float = 1e3, growth_window: int = GROWTH_WINDOW,
+             diverge_factor: float = 1e3, growth_window: int = GROWTH_WINDOW, max_abs: float = math.inf,
              callback: Callback = None) -> tuple[Tensor, SolverInfo]:
     """Anderson acceleration: the next input mixes the last ``m`` images ``f(z_i)``.
 
@@ -338,7 +352,7 @@ def anderson(f: Map, z0: Tensor, m: int = 6, lam: float = 1e-4, max_iter: int = 
         f, z0, max_iter, tol, tau: as in :func:`fixed_point`.
         m: history length, >= 1.
         lam: Tikhonov regularisation of the mixing problem, >= 0.
-        return_policy, on_diverge, diverge_factor, growth_window, callback: see the module docstring.
+        return_policy, on_diverge, diverge_factor, growth_window, max_abs, callback: see the module docstring.
     Returns:
         ``(z, info)``.
     """
@@ -348,7 +362,7 @@ def anderson(f: Map, z0: Tensor, m: int = 6, lam: float = 1e-4, max_iter: int = 
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam!r}")
     run = _Run("anderson", f, z0, max_iter, tol, return_policy, on_diverge, diverge_factor, callback,
-               growth_window)
+               growth_window, max_abs)
     with torch.no_grad():
         batch = z0.shape[0]
         xs = z0.new_zeros(batch, m, z0[0].numel())  # inputs z_i (a ring buffer; the order does not matter)
@@ -377,7 +391,8 @@ def anderson(f: Map, z0: Tensor, m: int = 6, lam: float = 1e-4, max_iter: int = 
 
 def broyden(f: Map, z0: Tensor, max_iter: int = 50, tol: float = 1e-3, m: int = 10, *,
             return_policy: str = "lowest", on_diverge: str = "raise", diverge_factor: float = 1e3,
-            growth_window: int = GROWTH_WINDOW, callback: Callback = None) -> tuple[Tensor, SolverInfo]:
+            growth_window: int = GROWTH_WINDOW, max_abs: float = math.inf,
+            callback: Callback = None) -> tuple[Tensor, SolverInfo]:
     """Limited-memory ("good") Broyden's method on the root problem ``g(z) = f(z) - z = 0``.
 
     ``H`` approximates the inverse Jacobian of ``g``; it starts at ``-I`` (so step 1 is ``z_1 = f(z_0)``) and is
@@ -390,14 +405,14 @@ def broyden(f: Map, z0: Tensor, max_iter: int = 50, tol: float = 1e-3, m: int = 
         m: number of rank-one updates kept, >= 1. When the memory is full, ``H`` restarts from ``-I`` (plus the
             newest update): dropping only the oldest update, as torchdeq's ``LBFGS_thres`` does, diverged on an
             ill-conditioned linear test map, where restarting converged.
-        return_policy, on_diverge, diverge_factor, growth_window, callback: see the module docstring.
+        return_policy, on_diverge, diverge_factor, growth_window, max_abs, callback: see the module docstring.
     Returns:
         ``(z, info)``.
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be an integer >= 1, got {m!r}")
     run = _Run("broyden", f, z0, max_iter, tol, return_policy, on_diverge, diverge_factor, callback,
-               growth_window)
+               growth_window, max_abs)
     with torch.no_grad():
         batch = z0.shape[0]
         us: list[Tensor] = []  # each (B, D)

@@ -35,8 +35,9 @@ Inference (:meth:`DEQReg.forward`):
   ``sample_best_step``, ``sample_residual`` (relative residual of the returned iterate). States are the solver's
   candidates ``g(z_k)`` (``phi_1 .. phi_t`` for fixed-point iteration; a pair that stopped early repeats its
   answer there).
-* Divergence (NaN, a residual 1000x the first, or the growth check: the field's norm keeps rising while the
-  residual makes no progress, e.g. images in 0..255 instead of [0, 1]) is flagged (``info["diverged"]``,
+* Divergence (NaN, a residual 1000x the first, the growth check: the field's norm keeps rising while the
+  residual makes no progress, or a displacement component beyond the image size, :meth:`DEQReg.max_disp`, as
+  images in 0..255 instead of [0, 1] give) is flagged (``info["diverged"]``,
   ``info["sample_diverged"]``), not raised: that pair then gets its finite iterate with the lowest absolute
   residual, and no phantom gradient is attached (with grad on, the value would be NaN).
 
@@ -106,6 +107,12 @@ class DEQReg(RegistrationMethod):
             return out
         return g
 
+    @staticmethod
+    def max_disp(fixed: Tensor) -> float:
+        """The solver's bound on a displacement component, in voxels: the longest spatial axis of ``fixed``
+        (a larger displacement moves every voxel out of the image; the solve is then flagged as diverged)."""
+        return float(max(fixed.shape[2:]))
+
     def _zeros(self, fixed: Tensor) -> Tensor:
         return fixed.new_zeros(fixed.shape[0], self.ndim, *fixed.shape[2:])
 
@@ -118,7 +125,8 @@ class DEQReg(RegistrationMethod):
         n = check_steps(steps, self.T)
         clock = Clock(fixed)
         deq = DEQ(solver=self.solver, max_iter=n, tol=0.0 if exact else self.tol, grad="phantom", K=self.K,
-                  tau=self.tau, on_diverge="flag", return_policy="last" if exact else "lowest")
+                  tau=self.tau, on_diverge="flag", return_policy="last" if exact else "lowest",
+                  max_abs=self.max_disp(fixed))
         record: Optional[list[Tensor]] = [] if return_states else None
         with torch.no_grad():
             disp, _, dinfo = deq(self.update_map(fixed, moving, record), self._zeros(fixed))
@@ -144,8 +152,10 @@ class DEQReg(RegistrationMethod):
         """
         check_pair(fixed, moving, self.ndim)
         g = self.update_map(fixed, moving)
+        deq = DEQ(solver=self.solver, max_iter=self.T, tol=self.tol, grad="phantom", K=self.K, tau=self.tau,
+                  n_states=self.S, on_diverge="flag", max_abs=self.max_disp(fixed))
         with torch.no_grad():
-            z_star, states, dinfo = self.deq(g, self._zeros(fixed))
+            z_star, states, dinfo = deq(g, self._zeros(fixed))
 
         def term(z: Tensor, weight: float) -> float:
             loss = loss_fn(fixed, moving, phantom(g, z, self.K, self.tau))
