@@ -6,6 +6,7 @@ Two step rules: Adam (the default; an adaptive ``eta_t``), and plain gradient de
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from typing import Callable, Sequence
 
@@ -74,6 +75,7 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
         ``state_steps`` when ``record_every > 0``, and ``info`` with the options and per-level iteration counts.
     Raises:
         RegistrationDivergedError: when the energy stops being finite (lower ``lr``).
+        TypeError: for a ``lam`` that is not a number.
         ValueError: for ``lam`` not a finite number >= 0 (inf and NaN included), a spatial axis of fewer than 2
             voxels, or mismatched shapes.
 
@@ -91,8 +93,10 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
         raise ValueError(f"every spatial axis needs at least 2 voxels (a displacement along a 1-voxel axis has no "
                          f"gradient to follow); got images of shape {tuple(fixed.shape)}. For a 2D slice of a "
                          f"volume, drop the 1-voxel axis: pass (B, C, H, W)")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < math.inf:
-        raise ValueError(f"lam (the weight of the diffusion regulariser) must be a finite number >= 0, got {lam!r}")
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"lam must be a number (the weight of the diffusion regulariser), got {type(lam).__name__}")
+    if not 0 <= lam < math.inf:
+        raise ValueError(f"lam must be a finite number >= 0 (the weight of the diffusion regulariser), got {lam!r}")
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
     its = [int(iterations)] * levels if isinstance(iterations, int) else [int(i) for i in iterations]
