@@ -24,16 +24,19 @@ Conventions shared by every solver
   shrinks as the norm grows (``z -> 1.05 z + 1``: from 1 towards 0.048), so it would pick the most diverged
   iterate, while the absolute residual picks the least diverged one. ``info.sample_best_step`` says which step.
 * **Divergence**, per sample, judged while it runs. (a) A NaN or inf; (b) a residual above ``diverge_factor``
-  times the sample's first one (a blow-up); (c) **growth**: at step ``k >= growth_window`` (``w``, default 16),
-  the norm ``||f(z_k)||`` reaches a new high, at least 1.25 times its maximum up to step ``k - w``, while the
-  residual made no progress: its minimum over the last ``w`` steps is still at least 0.9 times its minimum up to
-  step ``k - w``. (Minima and maxima, so that one spike, as quasi-Newton steps make, or a bounded wandering, as
-  Anderson's on a map without a fixed point, is no verdict.) (c) catches slow expansions that never reach (b):
-  ``z -> 1.05 z + 1`` at step 16 (its residual grows 1.05x a step, 1000x only after 142 steps) and a drift
-  ``z -> z + c`` at step 16. A contraction's residual shrinks at its rate ``rho`` a step, so (c) leaves alone
-  every contraction with ``rho < 0.9 ** (1 / 16) = 0.9934`` (the ``rho = 0.99`` linear maps of the tests) and a
-  bounded oscillation (the shipped DEQReg on brain2d: relative residual near 0.5, norm flat). A contraction
-  slower than that whose norm still rises 25% in 16 steps is flagged: pass ``growth_window=0`` (off) or a longer
+  times the sample's first one (a blow-up); (c) **growth**: at step ``k >= 2 w`` (``w = growth_window``, default 16), with
+  ``M_j`` the largest norm ``||f(z_i)||`` for ``i <= j``: the norm rose 1.25x over each of the last two windows,
+  ``||f(z_k)|| >= 1.25 M_{k-w}`` and ``M_{k-w} >= 1.25 M_{k-2w}``, while the residual made no progress: its
+  minimum over the last ``w`` steps is still at least 0.9 times its minimum up to step ``k - w``. (Maxima and
+  minima, so that one spike, as quasi-Newton steps make, or a bounded wandering, as Anderson's on a map without a
+  fixed point, is no verdict; two windows, so that the approach from ``z0 = 0`` to a bounded orbit is none
+  either: DEQReg-12 run past its 12 trained steps on synthetic pairs oscillates with a flat residual near 130
+  while its norm rises from 130 to 200 in 12 steps, then to 246 in 180.) (c) catches slow expansions that never
+  reach (b): ``z -> 1.05 z + 1`` at step 32 (its residual grows 1.05x a step, 1000x only after 142 steps) and a
+  drift ``z -> z + c`` at step 32. A contraction's residual shrinks at its rate ``rho`` a step, so (c) leaves
+  alone every contraction with ``rho < 0.9 ** (1 / 16) = 0.9934`` (the ``rho = 0.99`` linear maps of the
+  tests) and the shipped DEQReg models on brain2d and synthetic pairs (up to 192 steps). A contraction slower
+  than that whose norm still rises 25% per 16 steps is flagged: pass ``growth_window=0`` (off) or a longer
   window for it. (d) **A bound**, when the caller knows one: an entry of ``f(z_k)`` larger than ``max_abs`` in
   magnitude (default ``inf``: none). No trace rule tells a slow drift towards an absurd "fixed point" from a
   slow contraction (the shipped DEQReg fed 0..255 images: its residual falls 0.8x per 16 steps while its norm
@@ -64,8 +67,8 @@ __all__ = ["SolverDivergedError", "SolverInfo", "fixed_point", "anderson", "broy
            "SOLVERS"]
 
 EPS = 1e-9  # added to ||f(z)|| in the relative residual
-GROWTH_WINDOW = 16     # steps compared by the growth check (0 turns it off)
-GROWTH_NORM = 1.25     # ... flags a sample whose ||f(z_k)|| is >= 1.25 x its maximum up to growth_window steps ago
+GROWTH_WINDOW = 16     # the growth check compares two windows of this many steps (0 turns it off)
+GROWTH_NORM = 1.25     # ... flags a sample whose largest ||f(z)|| rose >= 1.25 x over each of the two windows
 GROWTH_RESIDUAL = 0.9  # ... while min(residual over the last window) >= 0.9 x min(residual before it)
 Map = Callable[[Tensor], Tensor]
 Callback = Optional[Callable[[int, Tensor], None]]
@@ -229,10 +232,11 @@ class _Run:
             blow = (self.first > 0) & (abs_res > self.diverge_factor * self.first) if k > 0 else torch.zeros_like(act)
             grow = torch.zeros_like(act)
             w = self.growth_window
-            if w and k >= w:
+            if w and k >= 2 * w:
                 recent = torch.stack(self.hist_abs[k - w + 1:]).amin(dim=0)  # min over the last w steps
                 grow = ((recent >= GROWTH_RESIDUAL * self.hist_min[k - w])
-                        & (norm >= GROWTH_NORM * self.hist_max[k - w]))
+                        & (norm >= GROWTH_NORM * self.hist_max[k - w])
+                        & (self.hist_max[k - w] >= GROWTH_NORM * self.hist_max[k - 2 * w]))
             if self.max_abs < math.inf:
                 big = fz.detach().reshape(batch, -1).abs().amax(dim=1) > self.max_abs
                 grow = grow | big
@@ -250,7 +254,8 @@ class _Run:
                 elif self.max_abs < math.inf and float(fz[i].detach().abs().max()) > self.max_abs:
                     reason = f"an entry of f(z) exceeds max_abs = {self.max_abs:g} in magnitude"
                 else:
-                    reason = (f"the iterate's norm rose {GROWTH_NORM:g}x above its maximum of {w} steps before while "
+                    reason = (f"the iterate's norm rose {GROWTH_NORM:g}x above its earlier maximum in each of the last "
+                              f"two windows of {w} steps while "
                               f"the residual did not fall below {GROWTH_RESIDUAL:g}x its earlier minimum (a slow "
                               f"expansion; growth_window=0 turns this check off)")
                 where = f" (sample {i} of {batch})" if batch > 1 else ""

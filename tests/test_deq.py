@@ -373,11 +373,11 @@ def test_deqreg_reports_a_slow_expansion_as_divergence(grad_on):
     from deqreg_lite.methods import build_method
     model = build_method("deqreg", ndim=2)
     model.net = Expander()
-    fixed = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))  # bound 64: not reached
+    fixed = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0))  # bound 128: not reached by step 32
     with torch.set_grad_enabled(grad_on):
         out = model(fixed, fixed.flip(-1))
     assert out.info["diverged"] and out.info["sample_diverged"] == [True, True] and not out.info["converged"]
-    assert out.info["steps"] < model.T and out.info["sample_steps"] == [17, 17]  # flagged at step 16 of 48
+    assert out.info["steps"] < model.T and out.info["sample_steps"] == [33, 33]  # flagged at step 32 of 48
     assert torch.isfinite(out.disp).all() and out.disp.abs().max() <= 1.0 + 1e-6  # g(0): the least diverged
 
 

@@ -237,11 +237,11 @@ def test_a_slow_expansion_is_flagged_and_its_least_diverged_iterate_comes_back()
         fixed_point(f, z0, max_iter=50, tol=1e-3)
     z, info = fixed_point(f, z0, max_iter=50, tol=1e-3, on_diverge="flag")
     assert info.diverged and info.sample_diverged == [True, True] and not info.converged
-    assert info.nstep < 50  # detected at step 16 (window 16)
+    assert info.nstep == 33  # detected at step 32 (two windows of 16)
     assert info.sample_best_step == [0, 0] and torch.equal(z, f(z0))  # the lowest absolute residual: f(z0)
     # the drift z -> z + 1 (no fixed point, constant residual) too
     _, info = fixed_point(lambda z: z + 1.0, z0, max_iter=50, on_diverge="flag")
-    assert info.diverged and info.nstep < 50
+    assert info.diverged and info.nstep == 33
 
 
 @pytest.mark.parametrize("rho", [0.9, 0.99])
@@ -256,8 +256,8 @@ def test_growth_window_option():
     f, z0 = (lambda z: 1.05 * z + 1.0), torch.zeros(1, 3, dtype=F64)
     _, info = fixed_point(f, z0, max_iter=50, growth_window=0)  # off: only NaN/inf and the 1000x blow-up remain
     assert not info.diverged and info.nstep == 50
-    _, info = fixed_point(f, z0, max_iter=50, growth_window=30, on_diverge="flag")
-    assert info.diverged and info.nstep == 31
+    _, info = fixed_point(f, z0, max_iter=50, growth_window=10, on_diverge="flag")
+    assert info.diverged and info.nstep == 21
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="growth_window"):
             fixed_point(f, z0, growth_window=bad)
