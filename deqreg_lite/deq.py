@@ -194,7 +194,8 @@ class DEQ(nn.Module):
         backend: ``"lite"`` (this module) or ``"torchdeq"`` (torchdeq 0.1.0, for cross-checks).
         ift_tol, ift_max_iter: relative tolerance and step limit of the IFT backward solve.
         **solver_options: options of the chosen solver, e.g. ``m``, ``lam`` (Anderson), ``return_policy``,
-            ``on_diverge``, ``diverge_factor``. Unknown names raise ``TypeError``.
+            ``on_diverge``, ``diverge_factor``, ``growth_window``, ``max_abs`` (see :mod:`deqreg_lite.solvers`).
+            Unknown names raise ``TypeError``.
     """
 
     def __init__(self, *, solver: str = "fixed_point", max_iter: int = 48, tol: float = 1e-3,
