@@ -21,9 +21,10 @@
    diverged** (``on_diverge="flag"`` and ``info.diverged``, for any sample; grad modes ``"phantom"`` and
    ``"ift"``): re-applying ``f`` for a gradient near a diverging iterate gives NaN/inf, which would reach every
    parameter, so nothing is attached and ``z_star`` is the solver's finite answer (per sample, see
-   :mod:`deqreg_lite.solvers`), without a graph: check ``info.diverged`` before ``backward()``. With grad on, ``z_star`` is
-   the output of the gradient steps (``K`` more damped steps, or one more call of ``f``), as in torchdeq. The
-   output never depends on ``z0`` through the graph: an equilibrium forgets its start.
+   :mod:`deqreg_lite.solvers`), without a graph: check ``info.diverged`` before ``backward()``.
+   Otherwise, with grad on, ``z_star`` is the output of the gradient steps (``K`` more damped steps, or one more
+   call of ``f``), as in torchdeq. The output never depends on ``z0`` through the graph: an equilibrium forgets
+   its start.
 3. **States** (Eq. 9): ``n_states = S`` iterates of the forward trajectory ``z_0, z_1, ...`` (the solver's
    inputs) at the fixed steps ``t_s = (s + 1) * max_iter // (S + 1)``, ``s = 0..S-1`` (12, 24, 36 for
    ``max_iter=48, S=3``), each with its own phantom gradient (``K`` damped steps from ``z_t.detach()``; in
@@ -341,8 +342,8 @@ class DEQ(nn.Module):
         * The traces are rebuilt here from the calls its solver makes (torchdeq's own cover the last slice only
           and start with a 1e8 placeholder); ``nfe`` counts those calls and ``grad_nfe`` the others. torchdeq
           picks the lowest-residual iterate per sample; ``best_step`` is the latest such step of the batch.
-        * Divergence (NaN/inf and blow-up, not the growth check nor ``max_abs``) is checked on the rebuilt batch-maximum traces
-          after the solve (torchdeq itself never stops on it); the ``sample_*`` fields stay empty.
+        * Divergence (NaN/inf and blow-up, not the growth check nor ``max_abs``) is checked on the rebuilt
+          batch-maximum traces after the solve (torchdeq itself never stops on it); the ``sample_*`` fields stay empty.
         """
         from torchdeq import get_deq
 

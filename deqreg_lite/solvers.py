@@ -24,8 +24,8 @@ Conventions shared by every solver
   shrinks as the norm grows (``z -> 1.05 z + 1``: from 1 towards 0.048), so it would pick the most diverged
   iterate, while the absolute residual picks the least diverged one. ``info.sample_best_step`` says which step.
 * **Divergence**, per sample, judged while it runs. (a) A NaN or inf; (b) a residual above ``diverge_factor``
-  times the sample's first one (a blow-up); (c) **growth**: at step ``k >= 2 w`` (``w = growth_window``, default 16), with
-  ``M_j`` the largest norm ``||f(z_i)||`` for ``i <= j``: the norm rose 1.25x over each of the last two windows,
+  times the sample's first one (a blow-up); (c) **growth**: at step ``k >= 2 w`` (``w = growth_window``,
+  default 16), with ``M_j`` the largest norm ``||f(z_i)||`` for ``i <= j``: the norm rose 1.25x over each of the last two windows,
   ``||f(z_k)|| >= 1.25 M_{k-w}`` and ``M_{k-w} >= 1.25 M_{k-2w}``, while the residual made no progress: its
   minimum over the last ``w`` steps is still at least 0.9 times its minimum up to step ``k - w``. (Maxima and
   minima, so that one spike, as quasi-Newton steps make, or a bounded wandering, as Anderson's on a map without a
@@ -229,7 +229,7 @@ class _Run:
             self.hist_min.append(abs_res if k == 0 else torch.minimum(self.hist_min[-1], abs_res))
             self.hist_max.append(norm if k == 0 else torch.maximum(self.hist_max[-1], norm))
             finite = torch.isfinite(abs_res) & torch.isfinite(rel_res)
-            blow = (self.first > 0) & (abs_res > self.diverge_factor * self.first) if k > 0 else torch.zeros_like(act)
+            blow = (self.first > 0) & (abs_res > self.diverge_factor * self.first)
             grow = torch.zeros_like(act)
             w = self.growth_window
             if w and k >= 2 * w:
@@ -254,10 +254,10 @@ class _Run:
                 elif self.max_abs < math.inf and float(fz[i].detach().abs().max()) > self.max_abs:
                     reason = f"an entry of f(z) exceeds max_abs = {self.max_abs:g} in magnitude"
                 else:
-                    reason = (f"the iterate's norm rose {GROWTH_NORM:g}x above its earlier maximum in each of the last "
-                              f"two windows of {w} steps while "
-                              f"the residual did not fall below {GROWTH_RESIDUAL:g}x its earlier minimum (a slow "
-                              f"expansion; growth_window=0 turns this check off)")
+                    reason = (f"the iterate's norm rose {GROWTH_NORM:g}x above its earlier maximum in each of the "
+                              f"last two windows of {w} steps while the residual did not fall below "
+                              f"{GROWTH_RESIDUAL:g}x its earlier minimum (a slow expansion; growth_window=0 turns "
+                              f"this check off)")
                 where = f" (sample {i} of {batch})" if batch > 1 else ""
                 raise SolverDivergedError(info.solver, k, float(abs_res[i]), reason + where)
         new = [fz, torch.full_like(self.nstep, k), rel_res, abs_res]
