@@ -9,6 +9,7 @@ kernels whose results differ by ~1e-6 per call, and DEQReg's 48 non-contracting 
 With oneDNN off, convolutions round alike for any batch, so what is left is the algorithm's dependence (0 here).
 """
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -27,8 +28,11 @@ TOL = 1e-4  # voxels
 
 @contextlib.contextmanager
 def plain_convs():
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
+    """oneDNN off for the block (torch warns about TF32 on Intel GPUs when the flag is set: irrelevant here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
 
 
 def mixed_pairs(shape):
@@ -139,8 +143,8 @@ def test_deqreg_members_that_stop_at_different_steps(name, tol):
 # ------------------------------------------------------------------------------------------------ register
 @pytest.mark.parametrize("optimizer", ["gd", "adam"])
 def test_register_members_match_their_solo_runs(optimizer):
-    fixed, moving = mixed_pairs((40, 48))
-    opts = dict(optimizer=optimizer, iterations=25, device="cpu")
+    fixed, moving = mixed_pairs((32, 40))
+    opts = dict(optimizer=optimizer, iterations=20, device="cpu")
     batched = register(fixed, moving, **opts).disp
     solo = torch.cat([register(fixed[i:i + 1], moving[i:i + 1], **opts).disp for i in range(3)])
     gaps = per_member_gap(batched, solo)
