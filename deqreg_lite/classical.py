@@ -5,6 +5,8 @@ Two step rules: Adam (the default; an adaptive ``eta_t``), and plain gradient de
 """
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from typing import Callable, Sequence
 
@@ -73,12 +75,28 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
         ``state_steps`` when ``record_every > 0``, and ``info`` with the options and per-level iteration counts.
     Raises:
         RegistrationDivergedError: when the energy stops being finite (lower ``lr``).
+        TypeError: for a ``lam`` that is not a number.
+        ValueError: for ``lam`` not a finite number >= 0 (inf and NaN included), a spatial axis of fewer than 2
+            voxels, or mismatched shapes.
+
+    **Batches.** Every pair of the batch is registered on its own: the energy is the batch mean of the pairs'
+    energies, so its gradient with respect to one pair's displacement is that pair's gradient divided by ``B``;
+    the step multiplies it back by ``B``, and both optimizers then act element-wise. A pair gets the displacement
+    it gets alone (up to float rounding), whatever else shares its batch. The ``trace`` holds batch means.
     """
     check_options(optimizer, ("adam", "gd"), "optimizer")
     ndim = check_image(fixed, "fixed")
     check_image(moving, "moving")
     if fixed.shape != moving.shape:
         raise ValueError(f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must have the same shape")
+    if min(fixed.shape[2:]) < 2:
+        raise ValueError(f"every spatial axis needs at least 2 voxels (a displacement along a 1-voxel axis has no "
+                         f"gradient to follow); got images of shape {tuple(fixed.shape)}. For a 2D slice of a "
+                         f"volume, drop the 1-voxel axis: pass (B, C, H, W)")
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"lam must be a number (the weight of the diffusion regulariser), got {type(lam).__name__}")
+    if not 0 <= lam < math.inf:
+        raise ValueError(f"lam must be a finite number >= 0 (the weight of the diffusion regulariser), got {lam!r}")
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
     its = [int(iterations)] * levels if isinstance(iterations, int) else [int(i) for i in iterations]
@@ -106,6 +124,7 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
     state_steps: list[int] = []
     start = time.perf_counter()
     bar = tqdm(total=sum(its), desc="register", disable=not progress, leave=False)
+    batch = fixed.shape[0]
     for level in range(levels):
         factor = 2 ** (levels - 1 - level)
         f_l, m_l = _downsample(fixed, factor), _downsample(moving, factor)
@@ -121,7 +140,8 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
             if not torch.isfinite(energy):
                 raise RegistrationDivergedError(
                     f"energy became {energy.item()} at level {level}, iteration {it}; lower lr (now {lr})")
-            grad, = torch.autograd.grad(energy, d)
+            # each pair's own gradient: the energy is the batch mean of the pairs' energies, so B x it is their sum
+            grad, = torch.autograd.grad(energy * batch, d)
             with torch.no_grad():
                 if opt is not None:
                     d.grad = grad

@@ -3,7 +3,8 @@
 ``DEQ(...)(f, z0)`` returns ``(z_star, states, info)``:
 
 1. **Forward solve** (Eq. 5), under ``torch.no_grad()``, with a solver of :mod:`deqreg_lite.solvers`. The
-   solver's relative tolerance and lowest-residual policy apply (see there).
+   solver's relative tolerance, lowest-residual policy and divergence checks apply **per sample** (see there): a
+   sample's answer does not depend on the other samples of its batch.
 2. **Gradient** (``grad=``), only when grad mode is on:
 
    * ``"phantom"`` (Eq. 7-8): ``K`` damped steps ``z <- tau f(z) + (1 - tau) z`` from ``z*.detach()`` with the
@@ -16,15 +17,22 @@
      grows linearly with the steps; the other two modes are flat in ``max_iter``.
 
    Under ``torch.no_grad()`` nothing is attached: ``z_star`` is the solver's answer, the states are the detached
-   iterates (plain tensors, even with ``lazy_states``) and ``info.grad_nfe == 0``. With grad on, ``z_star`` is
-   the output of the gradient steps (``K`` more damped steps, or one more call of ``f``), as in torchdeq. The
-   output never depends on ``z0`` through the graph: an equilibrium forgets its start.
+   iterates (plain tensors, even with ``lazy_states``) and ``info.grad_nfe == 0``. **The same when the solve
+   diverged** (``on_diverge="flag"`` and ``info.diverged``, for any sample; grad modes ``"phantom"`` and
+   ``"ift"``): re-applying ``f`` for a gradient near a diverging iterate gives NaN/inf, which would reach every
+   parameter, so nothing is attached and ``z_star`` is the solver's finite answer (per sample, see
+   :mod:`deqreg_lite.solvers`), without a graph: check ``info.diverged`` before ``backward()``.
+   Otherwise, with grad on, ``z_star`` is the output of the gradient steps (``K`` more damped steps, or one more
+   call of ``f``), as in torchdeq. The output never depends on ``z0`` through the graph: an equilibrium forgets
+   its start.
 3. **States** (Eq. 9): ``n_states = S`` iterates of the forward trajectory ``z_0, z_1, ...`` (the solver's
    inputs) at the fixed steps ``t_s = (s + 1) * max_iter // (S + 1)``, ``s = 0..S-1`` (12, 24, 36 for
    ``max_iter=48, S=3``), each with its own phantom gradient (``K`` damped steps from ``z_t.detach()``; in
    ``"bptt"`` mode the iterate itself, inside the BPTT graph). **Always exactly S states**: when the solver
    stops before step ``t_s`` (it converged), the state is the solver's answer, which is where the trajectory
-   would have stayed; ``info.state_steps`` then says ``info.nstep`` and ``info.n_padded`` counts them.
+   would have stayed; ``info.state_steps`` then says ``info.nstep`` and ``info.n_padded`` counts them. In a batch
+   whose samples stop at different steps, a sample that stopped before ``t_s`` is frozen at its answer, so its
+   state is its answer too (as alone); ``state_steps``/``n_padded`` describe the batch loop.
 
 Memory of the states. Eager states (the default) hold ``S`` phantom graphs of ``K`` steps each, all alive until
 ``backward()``: ``(S + 1) K`` calls of ``f`` in memory at once. With ``lazy_states=True`` each state is a
@@ -187,7 +195,8 @@ class DEQ(nn.Module):
         backend: ``"lite"`` (this module) or ``"torchdeq"`` (torchdeq 0.1.0, for cross-checks).
         ift_tol, ift_max_iter: relative tolerance and step limit of the IFT backward solve.
         **solver_options: options of the chosen solver, e.g. ``m``, ``lam`` (Anderson), ``return_policy``,
-            ``on_diverge``, ``diverge_factor``. Unknown names raise ``TypeError``.
+            ``on_diverge``, ``diverge_factor``, ``growth_window``, ``max_abs`` (see :mod:`deqreg_lite.solvers`).
+            Unknown names raise ``TypeError``.
     """
 
     def __init__(self, *, solver: str = "fixed_point", max_iter: int = 48, tol: float = 1e-3,
@@ -262,6 +271,11 @@ class DEQ(nn.Module):
             z_solved, sinfo = solve(f, z0, self.solver, **opts)
         info = DEQInfo(**{fl.name: getattr(sinfo, fl.name) for fl in dataclasses.fields(SolverInfo)})
         z_star = z_solved
+        if info.diverged and graph and not bptt:
+            # f misbehaves near these iterates: re-applying it for a gradient gives NaN/inf (the phantom steps
+            # restart from the answer), and a NaN in one sample would reach every parameter's gradient. So a
+            # diverged solve comes back like one under no_grad: the solver's finite answer, detached states.
+            graph = False
         if bptt:
             info.grad_nfe = info.nfe
         elif graph and self.grad == "phantom":
@@ -328,7 +342,8 @@ class DEQ(nn.Module):
         * The traces are rebuilt here from the calls its solver makes (torchdeq's own cover the last slice only
           and start with a 1e8 placeholder); ``nfe`` counts those calls and ``grad_nfe`` the others. torchdeq
           picks the lowest-residual iterate per sample; ``best_step`` is the latest such step of the batch.
-        * Divergence is checked on the rebuilt traces after the solve (torchdeq itself never stops on it).
+        * Divergence (NaN/inf and blow-up, not the growth check nor ``max_abs``) is checked on the rebuilt
+          batch-maximum traces after the solve (torchdeq itself never stops on it); the ``sample_*`` fields stay empty.
         """
         from torchdeq import get_deq
 
@@ -336,6 +351,8 @@ class DEQ(nn.Module):
         opts = dict(self.solver_options)
         policy = opts.pop("return_policy", "lowest")
         on_diverge, factor = opts.pop("on_diverge", "raise"), opts.pop("diverge_factor", 1e3)
+        opts.pop("growth_window", None)  # the growth check and the bound are this library's; torchdeq has none
+        opts.pop("max_abs", None)
         check_options(policy, ("lowest", "last"), "return_policy")
         check_options(on_diverge, ("raise", "flag"), "on_diverge")
         if self.solver == "broyden" and "m" in opts:

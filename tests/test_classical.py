@@ -83,3 +83,21 @@ def test_divergence_and_bad_inputs(pair):
         register(fixed, moving, iterations=[5], levels=2)
     with pytest.raises(TypeError):
         register(fixed, moving, step_size=0.1)
+
+
+@pytest.mark.parametrize("lam", [float("inf"), float("nan"), -1.0])
+def test_lam_must_be_finite_and_non_negative(pair, lam):
+    """lam=inf used to end in 'energy became nan ... lower lr', which blamed the wrong option."""
+    fixed, moving, _, _ = pair
+    with pytest.raises(ValueError, match=r"lam must be a finite number >= 0.*got"):
+        register(fixed, moving, lam=lam, iterations=1, device="cpu")
+    with pytest.raises(TypeError, match="lam must be a number"):
+        register(fixed, moving, lam="1", iterations=1, device="cpu")
+
+
+@pytest.mark.parametrize("shape", [(1, 32), (32, 1), (1, 16, 16)])
+def test_a_one_voxel_axis_is_rejected(shape):
+    """It used to come back silently with a displacement of the wrong shape ((1, 2, 2, 32) for a (1, 32) image)."""
+    img = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="at least 2 voxels"):
+        register(img, img, iterations=1, device="cpu")

@@ -337,3 +337,72 @@ def test_non_contractive_map_raises_or_flags(backend):
         DEQ(max_iter=40, backend=backend)(f, torch.zeros(1, 3))
     z, states, info = DEQ(max_iter=40, n_states=2, on_diverge="flag", backend=backend)(f, torch.zeros(1, 3))
     assert isinstance(info, DEQInfo) and info.diverged and torch.isfinite(z).all() and len(states) == 2
+
+
+# ---------------------------------------------------------------------------------------- divergence, flagged
+@pytest.mark.parametrize("grad", ["phantom", "ift"])
+def test_flagged_divergence_with_grad_on_returns_the_finite_answer_without_a_graph(grad):
+    """f turns NaN after its 4th call: the phantom steps re-applied f from the answer and returned NaN."""
+    w = nn.Parameter(torch.tensor(0.5))
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        return w * torch.tanh(z) + 1.0 if calls[0] < 4 else z * math.nan
+
+    z, states, info = DEQ(max_iter=10, grad=grad, n_states=2, on_diverge="flag")(f, torch.zeros(2, 3))
+    assert info.diverged and info.sample_diverged == [True, True] and info.grad_nfe == 0
+    assert torch.isfinite(z).all() and not z.requires_grad and len(states) == 2
+    assert all(torch.isfinite(s).all() and not s.requires_grad for s in states)
+
+
+class Expander(nn.Module):
+    """A stand-in for DEQReg's U-Net that makes its update map g(phi) = 1.05 phi + 1 (a slow expansion)."""
+    levels = 0
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, x):
+        return self.scale * x[:, 2:] + 1.0
+
+
+@pytest.mark.parametrize("grad_on", [False, True])
+def test_deqreg_reports_a_slow_expansion_as_divergence(grad_on):
+    from deqreg_lite.methods import build_method
+    model = build_method("deqreg", ndim=2)
+    model.net = Expander()
+    fixed = torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(0))  # bound 128: not reached by step 32
+    with torch.set_grad_enabled(grad_on):
+        out = model(fixed, fixed.flip(-1))
+    assert out.info["diverged"] and out.info["sample_diverged"] == [True, True] and not out.info["converged"]
+    assert out.info["steps"] < model.T and out.info["sample_steps"] == [33, 33]  # flagged at step 32 of 48
+    assert torch.isfinite(out.disp).all() and out.disp.abs().max() <= 1.0 + 1e-6  # g(0): the least diverged
+
+
+def test_deqreg_flags_images_in_0_255():
+    """Unnormalised images (0..255) made the shipped DEQReg return displacements of ~10^4 voxels with
+    diverged=False: its residual falls slowly, as a contraction's would, towards an absurd field. DEQReg bounds a
+    displacement component by the image size. The solver path is called directly, as an input-range check in
+    ``check_pair`` may reject such images first."""
+    from deqreg_lite import load_pretrained, load_sample
+    try:
+        wrapper = load_pretrained("deqreg")
+    except FileNotFoundError:
+        pytest.skip("no shipped deqreg checkpoint")
+    model, s = wrapper.method, load_sample("brain2d")
+    small = [nn.functional.interpolate(s[k], size=(80, 96), mode="bilinear", align_corners=True)
+             for k in ("fixed", "moving")]
+    deq = DEQ(max_iter=model.T, tol=model.tol, on_diverge="flag", max_abs=model.max_disp(small[0]))
+    with torch.no_grad():
+        _, _, info = deq(model.update_map(*(255 * x for x in small)), model._zeros(small[0]))
+        _, _, ok = deq(model.update_map(*small), model._zeros(small[0]))
+        try:
+            out = wrapper(255 * s["fixed"], 255 * s["moving"])
+        except ValueError:  # an input-range check came first: fine too
+            out = None
+    assert info.diverged and info.sample_diverged == [True] and info.nstep == 1 and info.best_step == -1
+    assert not ok.diverged and ok.nstep == model.T
+    if out is not None:
+        assert out.info["diverged"] and out.disp.abs().max() < 1.0  # the zero start came back

@@ -226,3 +226,48 @@ def test_solvers_build_no_graph_unless_asked():
     assert z.requires_grad
     z.sum().backward()  # d/dw of the 5th iterate of z <- w z + 1 from 0: 1 + 2w + 3w^2 + 4w^3 per entry
     assert w.grad.item() == pytest.approx(2 * (1 + 2 * 0.5 + 3 * 0.25 + 4 * 0.125))
+
+
+# ------------------------------------------------------------------------------------- slow divergence (growth)
+def test_a_slow_expansion_is_flagged_and_its_least_diverged_iterate_comes_back():
+    """z -> 1.05 z + 1: the residual grows only 1.05x a step (1000x after 142 steps), and the relative residual
+    shrinks as the norm grows, so the old rule returned the most diverged iterate with diverged=False."""
+    f, z0 = (lambda z: 1.05 * z + 1.0), torch.zeros(2, 3, dtype=F64)
+    with pytest.raises(SolverDivergedError, match="norm rose"):
+        fixed_point(f, z0, max_iter=50, tol=1e-3)
+    z, info = fixed_point(f, z0, max_iter=50, tol=1e-3, on_diverge="flag")
+    assert info.diverged and info.sample_diverged == [True, True] and not info.converged
+    assert info.nstep == 33  # detected at step 32 (two windows of 16)
+    assert info.sample_best_step == [0, 0] and torch.equal(z, f(z0))  # the lowest absolute residual: f(z0)
+    # the drift z -> z + 1 (no fixed point, constant residual) too
+    _, info = fixed_point(lambda z: z + 1.0, z0, max_iter=50, on_diverge="flag")
+    assert info.diverged and info.nstep == 33
+
+
+@pytest.mark.parametrize("rho", [0.9, 0.99])
+def test_slow_contractions_are_not_flagged(rho):
+    for f, z0 in ((lambda z: rho * z + 1.0, torch.zeros(1, 1, dtype=F64)), ill_conditioned_map(rho=rho)[:2]):
+        z, info = fixed_point(f, z0, max_iter=3000, tol=1e-8)
+        assert info.converged and not info.diverged
+        assert torch.allclose(z, f(z), rtol=1e-6)
+
+
+def test_growth_window_option():
+    f, z0 = (lambda z: 1.05 * z + 1.0), torch.zeros(1, 3, dtype=F64)
+    _, info = fixed_point(f, z0, max_iter=50, growth_window=0)  # off: only NaN/inf and the 1000x blow-up remain
+    assert not info.diverged and info.nstep == 50
+    _, info = fixed_point(f, z0, max_iter=50, growth_window=10, on_diverge="flag")
+    assert info.diverged and info.nstep == 21
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="growth_window"):
+            fixed_point(f, z0, growth_window=bad)
+    assert "growth_window" in solver_options("anderson")
+
+
+def test_lowest_policy_on_a_contraction_is_unchanged():
+    """On maps that do not diverge, "lowest" still picks the lowest relative residual (torchdeq's rule)."""
+    f, z0 = tanh_map(batch=3)
+    z, info = fixed_point(f, z0, max_iter=30, tol=0)
+    assert info.sample_best_step == [29, 29, 29] and not info.diverged and info.best_step == 29
+    assert info.residual == max(info.sample_residual) == pytest.approx(info.rel_trace[-1])
+    assert torch.equal(z, fixed_point(f, z0, max_iter=30, tol=0, return_policy="last")[0])

@@ -25,12 +25,21 @@ Inference (:meth:`DEQReg.forward`):
   Anderson's ``t``-th candidate (``t`` network calls).
 * The returned value never depends on grad mode: with grad on, the phantom gradient is attached without changing
   the value (``z + (p - p.detach())``, ``p`` the K phantom steps), so ``forward`` is differentiable too.
-* ``info``: ``steps`` (solver steps run), ``nfe`` (solver network calls), ``residuals`` (the solver's relative
-  residual trace ``||g(phi) - phi|| / ||g(phi)||``, max over the batch), ``abs_residuals``, ``converged``,
-  ``best_step``, ``diverged``, ``solver``. States are the solver's candidates ``g(z_k)`` (``phi_1 .. phi_t`` for
-  fixed-point iteration).
-* Divergence (NaN, or a residual 1000x the first) is flagged (``info["diverged"]``), not raised: the solver then
-  returns its best finite iterate.
+* **Every pair is solved on its own**: each stops at its own tolerance, gets its own lowest-residual iterate and
+  its own divergence verdict (:mod:`deqreg_lite.solvers`), so a pair's displacement does not depend on the other
+  pairs of its batch.
+* ``info``: ``steps`` (solver steps run by the batch loop, the most of any pair), ``nfe`` (solver network calls),
+  ``residuals`` (the solver's relative residual trace ``||g(phi) - phi|| / ||g(phi)||``, max over the pairs still
+  running), ``abs_residuals``, ``converged`` (every pair), ``best_step``, ``diverged`` (any pair), ``solver``, and
+  per pair (lists of length ``B``): ``sample_steps``, ``sample_converged``, ``sample_diverged``,
+  ``sample_best_step``, ``sample_residual`` (relative residual of the returned iterate). States are the solver's
+  candidates ``g(z_k)`` (``phi_1 .. phi_t`` for fixed-point iteration; a pair that stopped early repeats its
+  answer there).
+* Divergence (NaN, a residual 1000x the first, the growth check: the field's norm keeps rising while the
+  residual makes no progress, or a displacement component beyond the image size, :meth:`DEQReg.max_disp`, as
+  images in 0..255 instead of [0, 1] give) is flagged (``info["diverged"]``,
+  ``info["sample_diverged"]``), not raised: that pair then gets its finite iterate with the lowest absolute
+  residual, and no phantom gradient is attached (with grad on, the value would be NaN).
 
 Defaults: ``solver="fixed_point"`` (the paper: "a fixed-point iteration strategy"; ``"anderson"`` reaches lower
 residuals at the same Dice, shared/lessons.md), ``tau=0.5`` (the paper: in (0, 1), value not given), ``K=3``,
@@ -98,6 +107,12 @@ class DEQReg(RegistrationMethod):
             return out
         return g
 
+    @staticmethod
+    def max_disp(fixed: Tensor) -> float:
+        """The solver's bound on a displacement component, in voxels: the longest spatial axis of ``fixed``
+        (a larger displacement moves every voxel out of the image; the solve is then flagged as diverged)."""
+        return float(max(fixed.shape[2:]))
+
     def _zeros(self, fixed: Tensor) -> Tensor:
         return fixed.new_zeros(fixed.shape[0], self.ndim, *fixed.shape[2:])
 
@@ -110,17 +125,21 @@ class DEQReg(RegistrationMethod):
         n = check_steps(steps, self.T)
         clock = Clock(fixed)
         deq = DEQ(solver=self.solver, max_iter=n, tol=0.0 if exact else self.tol, grad="phantom", K=self.K,
-                  tau=self.tau, on_diverge="flag", return_policy="last" if exact else "lowest")
+                  tau=self.tau, on_diverge="flag", return_policy="last" if exact else "lowest",
+                  max_abs=self.max_disp(fixed))
         record: Optional[list[Tensor]] = [] if return_states else None
         with torch.no_grad():
             disp, _, dinfo = deq(self.update_map(fixed, moving, record), self._zeros(fixed))
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if torch.is_grad_enabled() and not dinfo.diverged and any(p.requires_grad for p in self.parameters()):
             p = phantom(self.update_map(fixed, moving), disp, self.K, self.tau)
             disp = disp + (p - p.detach())  # the phantom gradient, the solver's value
         states = record[:dinfo.nfe] if record is not None else []
         info = {"steps": dinfo.nstep, "nfe": dinfo.nfe, "residuals": list(dinfo.rel_trace),
                 "abs_residuals": list(dinfo.abs_trace), "converged": dinfo.converged, "best_step": dinfo.best_step,
-                "diverged": dinfo.diverged, "solver": self.solver}
+                "diverged": dinfo.diverged, "solver": self.solver,
+                "sample_steps": list(dinfo.sample_nstep), "sample_converged": list(dinfo.sample_converged),
+                "sample_diverged": list(dinfo.sample_diverged), "sample_best_step": list(dinfo.sample_best_step),
+                "sample_residual": list(dinfo.sample_residual)}
         return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
 
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
@@ -133,8 +152,10 @@ class DEQReg(RegistrationMethod):
         """
         check_pair(fixed, moving, self.ndim, model=self)
         g = self.update_map(fixed, moving)
+        deq = DEQ(solver=self.solver, max_iter=self.T, tol=self.tol, grad="phantom", K=self.K, tau=self.tau,
+                  n_states=self.S, on_diverge="flag", max_abs=self.max_disp(fixed))
         with torch.no_grad():
-            z_star, states, dinfo = self.deq(g, self._zeros(fixed))
+            z_star, states, dinfo = deq(g, self._zeros(fixed))
 
         def term(z: Tensor, weight: float) -> float:
             loss = loss_fn(fixed, moving, phantom(g, z, self.K, self.tau))
