@@ -102,14 +102,7 @@ def check_method(model, fixed, moving, steps=None):
     return batched, solos
 
 
-LNCC_XFAIL = pytest.mark.xfail(strict=False, reason="needs the LNCC numerics fix")
-
-
-def marked(names):
-    return [pytest.param(n, marks=LNCC_XFAIL) if n in ("gradirn", "riir") else n for n in names]
-
-
-@pytest.mark.parametrize("name", marked(sorted(METHODS)))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_built_method_members_match_their_solo_runs(name):
     torch.manual_seed(0)
     model = build_method(name, ndim=2).eval()
@@ -117,7 +110,7 @@ def test_built_method_members_match_their_solo_runs(name):
     check_method(model, fixed, moving)
 
 
-@pytest.mark.parametrize("name", marked(sorted(METHODS)))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_pretrained_members_match_their_solo_runs(name):
     if not available_pretrained().get(name):
         pytest.skip(f"no shipped checkpoint for {name}")
