@@ -55,7 +55,8 @@ class ConvGRU(nn.Module):
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
         z, r = torch.sigmoid(self.gates(torch.cat([x, h], dim=1))).chunk(2, dim=1)
         q = torch.tanh(self.candidate(torch.cat([x, r * h], dim=1)))
-        return torch.lerp(h, q, z)
+        # under autocast the convolutions give float16 while the state stays float32: mix in the state's dtype
+        return torch.lerp(h, q.to(h.dtype), z.to(h.dtype))
 
 
 class RIIR(RecurrentMethod):
