@@ -7,6 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -323,9 +324,20 @@ assert regimes[0.45]["steps"] < regimes[0.05]["steps"]  # too much damping is sl
 # %% [markdown]
 # ### When the iteration diverges
 #
-# The solvers do not let a divergence pass silently: a NaN or inf, or a residual that grows above 1000 times the
-# first one, raises `SolverDivergedError` (pass `on_diverge="flag"` to get the best finite iterate back instead, as
-# the slider above does). The undamped rotation-scaling map grows by $1.2$ per step:
+# The solvers do not let a divergence pass silently. Four rules, each judged per sample of a batch, raise
+# `SolverDivergedError` (pass `on_diverge="flag"` to get the finite iterate with the lowest *absolute* residual back
+# instead, as the slider above does):
+#
+# 1. a NaN or inf;
+# 2. a residual that grows above `diverge_factor` (1000) times the first one;
+# 3. a slow **growth**: the largest norm so far rises by 25 % in each of the last two windows of `growth_window`
+#    (16) steps while the residual does not fall. A slowly expanding map like $z \mapsto 1.05 z + 1$ never trips
+#    rule 2 within 50 steps, and its *relative* residual even shrinks as $z$ grows, so "the lowest relative
+#    residual" would pick its most diverged iterate;
+# 4. an entry above `max_abs`, when the caller knows a bound (DEQReg: no displacement is longer than the image).
+#
+# The undamped rotation-scaling map grows by $1.2$ per step: rule 3 stops it at step 32, before rule 2 would
+# (at $1.2^{38} \approx 1000$).
 
 # %%
 try:
@@ -334,7 +346,12 @@ try:
 except SolverDivergedError as err:
     print(f"SolverDivergedError: {err}")
     diverged_at = err.step
-assert 30 < diverged_at < 45  # 1.2 ** 38 ≈ 1000
+assert 30 < diverged_at < 45  # the growth rule (step 32); the blow-up rule alone would stop at 1.2 ** 38 ≈ 1000
+
+z_slow, info_slow = fixed_point(lambda z: 1.05 * z + 1.0, torch.zeros(1, 1), max_iter=50, on_diverge="flag")
+print(f"z -> 1.05 z + 1: diverged={info_slow.diverged} at step {info_slow.nstep - 1}, "
+      f"returned z = {float(z_slow):.2f} (the least expanded candidate)")
+assert info_slow.diverged and not info_slow.converged and float(z_slow) < 2.0
 
 # %% [markdown]
 # ## 3. Plain, damped and Anderson iteration
