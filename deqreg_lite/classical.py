@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -44,6 +45,18 @@ def _downsample(x: Tensor, factor: int) -> Tensor:
     return resize_image(x, [max(2, s // factor) for s in x.shape[2:]], blur=False)
 
 
+def _working_dtype(fixed: Tensor, moving: Tensor) -> torch.dtype:
+    """float64 when both images are float64, else float32; any other dtype is converted with a warning."""
+    if fixed.dtype == moving.dtype == torch.float64:
+        return torch.float64
+    for name, x in (("fixed", fixed), ("moving", moving)):
+        if x.dtype not in (torch.float32, torch.float64):
+            warnings.warn(f"register: {name} is {x.dtype}; it is converted to float32 as it is (no rescaling). LNCC "
+                          f"does not depend on the intensity scale, but MSE and the balance with lam do: give "
+                          f"images in [0, 1] (e.g. x.float() / 255 for uint8)", stacklevel=3)
+    return torch.float32
+
+
 def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int | Sequence[int] = 200,
              optimizer: str = "adam", lr: float | None = None, similarity: str = "lncc", win: int = 5,
              levels: int = 1, init_disp: Tensor | None = None, record_every: int = 0,
@@ -52,7 +65,8 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
     """Register ``moving`` to ``fixed`` by minimising ``L_sim + lam * diffusion`` over a dense displacement.
 
     Args:
-        fixed, moving: ``(B, C, *spatial)`` images, 2D or 3D, intensities in about [0, 1].
+        fixed, moving: ``(B, C, *spatial)`` images, 2D or 3D, intensities in about [0, 1]. Two float64 images
+            are registered in float64; anything else in float32 (integer and float16 images with a warning).
         lam: weight λ of the diffusion regulariser (displacements in voxels).
         iterations: steps per resolution level (one number for all levels, or one per level, coarse to fine).
         optimizer: ``"adam"`` (adaptive step) or ``"gd"`` (plain gradient descent, Eq. 2 with a fixed step).
@@ -109,13 +123,14 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
         raise ValueError(f"lr must be > 0, got {lr}")
     out_device = fixed.device
     device = torch.device(device) if device is not None else default_device()
-    fixed, moving = fixed.to(device).float(), moving.to(device).float()
+    dtype = _working_dtype(fixed, moving)
+    fixed, moving = fixed.to(device, dtype), moving.to(device, dtype)
     objective = Objective(similarity, "diffusion", lam, win=win)
 
     if init_disp is not None:
         check_disp(init_disp, "init_disp")
         check_same_spatial(fixed, init_disp, "fixed", "init_disp")
-        disp = init_disp.detach().to(device).float()
+        disp = init_disp.detach().to(device, dtype)
     else:
         disp = fixed.new_zeros(fixed.shape[0], ndim, *fixed.shape[2:])
 

@@ -98,8 +98,50 @@ def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding: str = "bo
     if is_label:
         return _warp_labels(image, disp, padding)
     src = image.to(disp.dtype) if image.dtype != disp.dtype else image
-    out = F.grid_sample(src, _sampling_grid(disp), mode=mode, padding_mode=padding, align_corners=True)
+    if mode == "bilinear" and disp.requires_grad and torch.is_grad_enabled():
+        out = _bilinear_with_tie_gradient(src, disp, padding)
+    else:
+        out = F.grid_sample(src, _sampling_grid(disp), mode=mode, padding_mode=padding, align_corners=True)
     return out.to(image.dtype)
+
+
+#: Sample positions closer than this (voxels) to a grid line count as *on* it for the displacement's gradient.
+TIE = 1e-4
+
+
+def _bilinear_with_tie_gradient(src: Tensor, disp: Tensor, padding: str) -> Tensor:
+    """Bilinear warp whose gradient with respect to ``disp`` does not depend on float rounding.
+
+    Linear interpolation is not differentiable where a sample lands on a grid line: the derivative along that axis
+    jumps from the left to the right difference. ``grid_sample`` picks one by flooring the rescaled coordinate, so
+    float rounding picks it, voxel by voxel, differently in float32 and float64 or on a CPU and a GPU. At zero
+    displacement (where every registration starts) *every* voxel is on a grid line. Here, along each axis, a sample
+    within :data:`TIE` voxels of a grid line gets the mean of the two one-sided derivatives (the central
+    difference ``(I(p + e_k) - I(p - e_k)) / 2``); everywhere else the gradient is ``grid_sample``'s exact one.
+    The value, and the gradient with respect to the image, are unchanged. (At those tie samples the displacement
+    has no second derivative through the warp.)
+    """
+    ndim = disp.shape[1]
+    with torch.no_grad():
+        pos = disp.detach() + identity(disp.shape[2:], device=disp.device, dtype=disp.dtype)
+        tie = (pos - pos.round()).abs() < TIE                                  # (B, ndim, *spatial)
+    if not bool(tie.any()):
+        return F.grid_sample(src, _sampling_grid(disp), mode="bilinear", padding_mode=padding, align_corners=True)
+    out = F.grid_sample(src, _sampling_grid(torch.where(tie, disp.detach(), disp)), mode="bilinear",
+                        padding_mode=padding, align_corners=True)
+    detached = disp.detach()
+    for k in range(ndim):
+        tie_k = tie[:, k:k + 1]
+        if not bool(tie_k.any()):
+            continue
+        with torch.no_grad():
+            step = torch.zeros_like(detached)
+            step[:, k] = 1.0
+            sample = lambda d: F.grid_sample(src, _sampling_grid(d), mode="bilinear", padding_mode=padding,
+                                             align_corners=True)
+            central = (sample(detached + step) - sample(detached - step)).mul_(0.5)  # (B, C, *spatial)
+        out = out + central * (tie_k * (disp[:, k:k + 1] - detached[:, k:k + 1]))
+    return out
 
 
 #: Largest integer ``n`` such that every integer in ``[0, n]`` is exact in the dtype.

@@ -101,3 +101,24 @@ def test_a_one_voxel_axis_is_rejected(shape):
     img = torch.rand(1, 1, *shape, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="at least 2 voxels"):
         register(img, img, iterations=1, device="cpu")
+
+
+def test_register_dtypes_float64_stays_float64_and_others_warn():
+    """Two float64 images register in float64; uint8, int and float16 images are converted with a warning that says
+    how to normalise (they used to be converted silently)."""
+    import warnings as _w
+
+    from deqreg_lite.datasets.synthetic import synthetic_pair
+
+    p = synthetic_pair((24, 24), seed=0, strength=1.0)
+    f, m = p["fixed"], p["moving"]
+    res64 = register(f.double(), m.double(), iterations=5, device="cpu")
+    res32 = register(f, m, iterations=5, device="cpu")
+    assert res64.disp.dtype == torch.float64 and res32.disp.dtype == torch.float32
+    assert float((res64.disp - res32.disp.double()).abs().max()) < 1e-3
+    for bad in ((f * 255).round().to(torch.uint8), (f * 255).round().to(torch.int64), f.half()):
+        with pytest.warns(UserWarning, match="converted to float32"):
+            register(bad, bad, iterations=1, device="cpu")
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        register(f, m, iterations=1, device="cpu")

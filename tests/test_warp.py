@@ -184,3 +184,36 @@ def test_nearest_warp_float_and_bool_labels_keep_working(rng):
     assert torch.equal(warp(labels == 3, disp, mode="nearest"), as_int == 3)
     # one label map shared across a batch of displacements
     assert torch.equal(warp(labels[:1], disp, mode="nearest")[1], warp(labels[:1], disp[1:], mode="nearest")[0])
+
+
+def test_gradient_on_grid_lines_is_the_central_difference_in_any_precision():
+    """At zero displacement every sample lands on a grid line, where linear interpolation has a left and a right
+    derivative; ``grid_sample`` picked one by rounding (differently in float32 and float64). The warp gives the
+    central difference there, the same in both precisions; the value and the image's gradient are unchanged."""
+    from deqreg_lite import warp as warp_module
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 1, 9, 11, generator=gen, dtype=torch.float64)
+    weights = torch.rand(2, 1, 9, 11, generator=gen, dtype=torch.float64)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        disp = torch.zeros(2, 2, 9, 11, dtype=dtype, requires_grad=True)
+        img = image.to(dtype).clone().requires_grad_(True)
+        out = warp(img, disp)
+        tol = 1e-6 if dtype == torch.float32 else 1e-12
+        assert torch.allclose(out.detach(), img.detach(), atol=tol)
+        (out * weights.to(dtype)).sum().backward()
+        assert torch.allclose(img.grad, weights.to(dtype), atol=tol)  # the identity warp's image gradient
+        grads[dtype] = disp.grad.double()
+    padded = torch.nn.functional.pad(image, (1, 1, 1, 1), mode="replicate")
+    central = torch.cat([(padded[:, :, 2:, 1:-1] - padded[:, :, :-2, 1:-1]) / 2,
+                         (padded[:, :, 1:-1, 2:] - padded[:, :, 1:-1, :-2]) / 2], dim=1) * weights
+    assert torch.allclose(grads[torch.float64], central, atol=1e-12)
+    assert torch.allclose(grads[torch.float32], central, atol=1e-6)
+    # off the grid lines, the exact derivative of the interpolant (finite differences)
+    disp = torch.full((1, 2, 9, 11), 0.3, dtype=torch.float64, requires_grad=True)
+    warp(image[:1], disp).sum().backward()
+    h = 1e-6
+    fd = (warp(image[:1], disp.detach() + h).sum() - warp(image[:1], disp.detach() - h).sum()) / (2 * h)
+    assert float(disp.grad.sum()) == pytest.approx(float(fd), rel=1e-6)
+    assert warp_module.TIE < 1e-3
