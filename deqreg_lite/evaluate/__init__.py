@@ -17,7 +17,7 @@ Re-exported from where they live: the baselines :func:`identity_method`, :func:`
 the learned ones), and the Learn2Reg files :func:`save_l2r_disp` / :func:`load_l2r_disp`
 (:mod:`deqreg_lite.datasets.learn2reg`).
 """
-from ..datasets.learn2reg import _case_number, load_l2r_disp, save_l2r_disp
+from ..datasets.learn2reg import _case_number, load_l2r_disp, save_l2r_disp  # noqa: F401 (_case_number: old name)
 from ..methods.baselines import (
     ELASTIX_INSTALL_HINT,
     classical_method,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -237,7 +237,7 @@ def _progress(items: list, desc: str, show: bool):
 # evaluate
 # ---------------------------------------------------------------------------------------------------------------
 def evaluate(method: Any, pairs: Any, steps: int | None = None, memory: bool = True,
-             labels: Sequence[int] | None = None, *, loss_fn: Any = None, hd95: bool = True,
+             labels: Sequence[int] | None = None, *, loss_fn: Callable | None = None, hd95: bool = True,
              name: str | None = None, device: str | torch.device | None = None, progress: bool = False,
              disp_dir: str | Path | None = None, disp_format: str = "nii.gz") -> Table:
     """Register every pair with ``method`` and score it.

@@ -14,7 +14,7 @@ called with (once per ``ndim``), so one object registers 2D and 3D pairs alike, 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
