@@ -73,6 +73,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import NonFiniteError
+from ._contexts import eval_mode, isolated_rng
 from .config import default_device, seed_everything
 
 __all__ = ["Trainer", "TrainingDivergedError", "RunExistsError", "save_checkpoint", "load_checkpoint", "load_method",
@@ -160,16 +161,6 @@ def set_rng_state(state: Mapping) -> None:
                          n["cached_gaussian"]))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-@contextlib.contextmanager
-def _isolated_rng():
-    """Run a block without changing any global RNG state (torch, CUDA, NumPy, Python)."""
-    state = get_rng_state()
-    try:
-        yield
-    finally:
-        set_rng_state(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -672,13 +663,8 @@ class Trainer:
             return None
         from .evaluate import evaluate
 
-        was_training = self.method.training
-        self.method.eval()
-        try:
-            with _isolated_rng():
-                table = evaluate(self.method, self.val_data, steps=self.val_steps, memory=False, hd95=False)
-        finally:
-            self.method.train(was_training)
+        with eval_mode(self.method), isolated_rng():
+            table = evaluate(self.method, self.val_data, steps=self.val_steps, memory=False, hd95=False)
         s = table.summary()
         row = {"split": "val", "iteration": self.iteration}
         for k in ("dice", "dice_std", "folding_pct", "folding_pct_std", "sdlogj", "sdlogj_std", "tre_mm",

@@ -6,6 +6,7 @@
   :func:`deform_sample` and :func:`synthetic_pair`.
 * :mod:`.pairs` - :class:`PairDataset` / :func:`brain_pairs`: seeded training and evaluation pairs for the 2D
   models, and :func:`collate`.
+* :mod:`.learn2reg` - :func:`save_l2r_disp` / :func:`load_l2r_disp`: Learn2Reg displacement files.
 
 Every loader returns the same sample dict: ``fixed``, ``moving`` (float ``(1, 1, *spatial)`` in [0, 1]),
 ``fixed_seg``, ``moving_seg`` (int64 ``(1, 1, *spatial)``), ``spacing`` (mm), ``labels``, ``label_names``,
@@ -29,6 +30,7 @@ from .synthetic import (
 )
 from .nlst import NLST, normalise_nlst_name, read_keypoints
 from .oasis import LABEL_PRESETS, OASIS, neurite_split_sizes
+from .learn2reg import load_l2r_disp, save_l2r_disp
 from .download import SOURCES, ChecksumError, DownloadError, Source, UnsafeArchiveError, download, safe_extract
 
 __all__ = [
@@ -39,4 +41,5 @@ __all__ = [
     "PairDataset", "brain_pairs", "collate", "item_seed", "SEED_RANGES", "PAIR_KINDS", "PAIR_KEYS",
     "download", "SOURCES", "Source", "DownloadError", "ChecksumError", "UnsafeArchiveError", "safe_extract",
     "OASIS", "LABEL_PRESETS", "neurite_split_sizes", "NLST", "read_keypoints", "normalise_nlst_name",
+    "save_l2r_disp", "load_l2r_disp",
 ]
