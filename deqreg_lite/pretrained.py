@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import load_checkpoint
-from .config import REPO_ROOT, checkpoints_dir  # noqa: F401  (REPO_ROOT, checkpoints_dir: re-exported)
+from .config import REPO_ROOT, checkpoints_dir  # noqa: F401  (re-exported: tests and scripts use them)
 from .methods.base import RegistrationMethod
 from .methods.resolution import HalfResolution
 

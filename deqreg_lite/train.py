@@ -59,14 +59,11 @@ import json
 import math
 import numbers
 import os
-import random
-import re
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
