@@ -9,6 +9,7 @@ Environment variables
                      10 minutes or less), or ``full`` (the paper's scale, for a GPU).
 ``DEQREG_DATA_DIR``  root folder of downloaded datasets (OASIS, NLST). Defaults to ``~/.deqreg_lite/data``.
 ``DEQREG_SAMPLES_DIR`` folder holding the shipped samples; defaults to the repository's ``data/samples``.
+``DEQREG_CHECKPOINTS_DIR`` folder of the pretrained checkpoints; defaults to the repository's ``data/checkpoints``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 __all__ = ["MODES", "mode", "by_mode", "data_dir", "samples_dir", "default_device", "seed_everything",
-           "REPO_URL", "REPO_ROOT"]
+           "REPO_URL", "REPO_ROOT", "checkpoints_dir"]
 
 MODES = ("quick", "default", "full")
 REPO_URL = "https://github.com/deqreg-lite/deqreg_lite"
@@ -74,3 +75,9 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def checkpoints_dir() -> Path:
+    """Folder of the pretrained checkpoints (``DEQREG_CHECKPOINTS_DIR``, else ``<repo>/data/checkpoints``)."""
+    env = os.environ.get("DEQREG_CHECKPOINTS_DIR")
+    return Path(env).expanduser() if env else REPO_ROOT / "data" / "checkpoints"

@@ -44,14 +44,13 @@ Nothing a user has made is lost
 * A NaN or inf loss, or a NaN or inf displacement or loss term that a method's own input checks catch during
   training (while the batch itself is finite), raises :class:`TrainingDivergedError` with advice.
 
-Checkpoint format (a ``dict`` written by :func:`save_checkpoint`, loadable with ``torch.load(weights_only=True)``)
--------------------------------------------------------------------------------------------------------------
-``format`` ("deqreg_lite.checkpoint"), ``version`` (1), ``name``, ``ndim``, ``config`` (``method.config()``),
-``trained_steps``, ``model`` (state dict), ``optimizer`` (state dict or None), ``scaler`` (GradScaler state or
-None), ``iteration``, ``rng`` (``torch``, ``cuda`` (list or None), ``numpy`` (dict), ``python`` (tuple)),
-``sampler`` (``seed``, ``batch_size``, ``position`` = samples drawn so far), ``history`` (list of dicts),
-``trainer`` (the trainer's options), ``extra``, ``torch_version``. Writes are atomic: a temporary file in the same
-folder, then ``os.replace``; a crash mid-write leaves the previous checkpoint intact.
+Checkpoints
+-----------
+The format (its fields, its version and the converter of older files) is documented and implemented in
+:mod:`deqreg_lite.checkpoints`; :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`get_rng_state`,
+:func:`set_rng_state`, :func:`remove_stale_temps` and :data:`CHECKPOINT_FORMAT` are re-exported here.
+:func:`load_method` rebuilds a method through
+:meth:`~deqreg_lite.methods.base.RegistrationMethod.from_checkpoint`.
 """
 from __future__ import annotations
 
@@ -60,28 +59,25 @@ import json
 import math
 import numbers
 import os
-import random
-import re
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import NonFiniteError
 from ._contexts import eval_mode, isolated_rng
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _method_config, get_rng_state,  # noqa: F401
+                          load_checkpoint, remove_stale_temps, save_checkpoint, set_rng_state, upgrade_checkpoint)
 from .config import default_device, seed_everything
 
 __all__ = ["Trainer", "TrainingDivergedError", "RunExistsError", "save_checkpoint", "load_checkpoint", "load_method",
            "existing_run_files", "remove_stale_temps", "get_rng_state", "set_rng_state", "batch_indices", "read_log",
-           "CHECKPOINT_FORMAT"]
+           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "upgrade_checkpoint"]
 
-CHECKPOINT_FORMAT = "deqreg_lite.checkpoint"
-CHECKPOINT_VERSION = 1
 _MAX_EPOCH_SEED = 2**31
 
 
@@ -114,173 +110,19 @@ def existing_run_files(checkpoint_dir: str | os.PathLike | None, log_path: str |
     return found
 
 
-def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
-    """Delete the temporary files that an interrupted :func:`save_checkpoint` left in ``folder`` (those of the
-    checkpoint file ``name`` only, when given). Returns the paths removed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stem = re.escape(name) if name is not None else r"[^/]+\.pt"
-    pattern = re.compile(rf"\.{stem}(\.[A-Za-z0-9_]+)?\.tmp")  # ours: .NAME.tmp; older versions: .NAME.XXXX.tmp
-    removed = []
-    for p in folder.iterdir():
-        if pattern.fullmatch(p.name) and p.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                removed.append(p)
-    return removed
+# ---------------------------------------------------------------------------------------------------------------
+# RNG states: get_rng_state / set_rng_state live in deqreg_lite.checkpoints (they are part of the format)
+# ---------------------------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RNG states (all plain tensors, ints and tuples, so that checkpoints load with weights_only=True)
+# checkpoints: the format (save_checkpoint, load_checkpoint, ...) lives in deqreg_lite.checkpoints (floor 1, so
+# that the methods can read it); its names are re-exported here
 # ---------------------------------------------------------------------------------------------------------------
-def get_rng_state() -> dict:
-    """The states of every random generator the training touches: torch CPU, CUDA (if any), NumPy, Python."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: Mapping) -> None:
-    """Restore what :func:`get_rng_state` returned (the CUDA part only when CUDA is available)."""
-    torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        cuda = list(state["cuda"])
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
-        else:
-            warnings.warn(f"the checkpoint holds {len(cuda)} CUDA RNG states, this machine has "
-                          f"{torch.cuda.device_count()} devices; CUDA RNG states not restored", stacklevel=2)
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints
-# ---------------------------------------------------------------------------------------------------------------
-def _method_config(method: nn.Module) -> dict | None:
-    try:
-        cfg = method.config()
-    except NotImplementedError:
-        warnings.warn(f"{type(method).__name__}.config() is not implemented: the checkpoint cannot rebuild the "
-                      "method with load_method()", stacklevel=3)
-        return None
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"{type(method).__name__}.config() must return a dict, got {type(cfg).__name__}")
-    return dict(cfg)
-
-
-def save_checkpoint(path: str | os.PathLike, method: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
-                    iteration: int = 0, history: Sequence[Mapping] | None = None, rng: bool = True,
-                    sampler: Mapping | None = None, scaler: Any = None, trainer: Mapping | None = None,
-                    extra: Mapping | None = None) -> Path:
-    """Write a checkpoint atomically (temporary file ``.<name>.tmp`` in the same folder, then ``os.replace``).
-
-    A temporary file of this checkpoint left by a killed process is removed first (it is never reused as data).
-
-    Args:
-        path: the checkpoint file (its folder is created).
-        method: the registration method; its ``name``, ``ndim``, ``config()``, ``trained_steps`` and state dict
-            are stored.
-        optimizer: stored with its state dict when given.
-        iteration: iterations done.
-        history: the trainer's history (list of dicts of numbers and strings).
-        rng: store the current RNG states (:func:`get_rng_state`).
-        sampler: the data sampler's position (``seed``, ``batch_size``, ``position``).
-        scaler: a ``torch.amp.GradScaler`` to store.
-        trainer: the trainer's options, for the record.
-        extra: anything else (plain Python values and tensors).
-    Returns:
-        the path written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {
-        "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-        "name": str(getattr(method, "name", type(method).__name__)), "ndim": getattr(method, "ndim", None),
-        "config": _method_config(method), "trained_steps": getattr(method, "trained_steps", None),
-        "model": method.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "iteration": int(iteration),
-        "rng": get_rng_state() if rng else None,
-        "sampler": dict(sampler) if sampler is not None else None,
-        "history": [dict(r) for r in (history or [])],
-        "trainer": dict(trainer) if trainer is not None else None,
-        "extra": dict(extra) if extra is not None else {},
-        "torch_version": str(torch.__version__),
-    }
-    remove_stale_temps(path.parent, path.name)
-    tmp = path.parent / f".{path.name}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu", *,
-                    name: str | None = None, weights_only: bool = True) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`.
-
-    Args:
-        path: the file, or a folder holding ``last.pt``.
-        map_location: where tensors go (default the CPU).
-        name: when given, the method name the checkpoint must hold.
-        weights_only: load with ``torch.load(weights_only=True)`` (safe; our checkpoints need nothing more).
-            Pass False only for a trusted file whose ``config`` holds custom objects.
-    Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: the file is corrupt or truncated, is not a deqreg_lite checkpoint, or holds a method other
-            than ``name`` (the message names the file).
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
-        near = sorted(p.name for p in path.parent.glob("*.pt")) if path.parent.is_dir() else []
-        hint = f"; checkpoints in {path.parent}: {near}" if near else ""
-        raise FileNotFoundError(f"no checkpoint at {path}{hint}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # pickle, zip, EOF and torch errors: one clear message naming the file
-        text = str(exc)
-        if weights_only and "Unsupported global" in text:
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-            what = found.group(1) if found else "a Python object"
-            raise ValueError(f"checkpoint {path} holds {what}, which is neither a tensor nor a plain value, so it "
-                             "is not loaded by default; if you made this file yourself and trust it, "
-                             "load_checkpoint(path, weights_only=False) reads it") from None
-        size = path.stat().st_size
-        raise ValueError(f"checkpoint {path} ({size} bytes) cannot be read: it is corrupt or truncated (an "
-                         f"interrupted copy or download?) [{type(exc).__name__}]; copy or make it again, or use "
-                         "another checkpoint of the run") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a deqreg_lite checkpoint (no format={CHECKPOINT_FORMAT!r} entry)")
-    if name is not None and ckpt["name"] != name:
-        raise ValueError(f"checkpoint {path} holds a {ckpt['name']!r} model, not {name!r}; load it into a "
-                         f"{ckpt['name']!r} method (load_method({str(path)!r}) rebuilds it)")
-    return ckpt
-
-
 def load_method(path: str | os.PathLike, map_location: str | torch.device | None = None, **overrides) -> nn.Module:
-    """Rebuild a method from a checkpoint: ``build_method(name, ndim, **config, **overrides)`` plus its weights.
+    """Rebuild a method from a checkpoint (:meth:`RegistrationMethod.from_checkpoint
+    <deqreg_lite.methods.base.RegistrationMethod.from_checkpoint>`: the class named by the checkpoint, built with
+    its stored config and ``overrides``, plus its weights).
 
     Args:
         path: checkpoint file (or folder holding ``last.pt``).
@@ -289,19 +131,10 @@ def load_method(path: str | os.PathLike, map_location: str | torch.device | None
     Returns:
         the method, in eval mode, on ``map_location``.
     """
-    from .methods import build_method  # lazy: the methods package sits beside this one (floor 2)
+    from .methods import RegistrationMethod  # the methods floor (2) sits below this one (3)
 
-    ckpt = load_checkpoint(path, "cpu")
-    if ckpt.get("config") is None:
-        raise ValueError(f"checkpoint {path} holds no method config ({ckpt['name']}.config() was not implemented "
-                         "when it was saved); build the method yourself and load ckpt['model'] into it")
-    cfg = dict(ckpt["config"])
-    ndim = cfg.pop("ndim", ckpt.get("ndim"))
-    cfg.update(overrides)
-    method = build_method(ckpt["name"], ndim, **cfg)
-    method.load_state_dict(ckpt["model"])
-    device = torch.device(map_location) if map_location is not None else default_device()
-    return method.to(device).eval()
+    device = map_location if map_location is not None else default_device()
+    return RegistrationMethod.from_checkpoint(path, device=device, **overrides)
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:

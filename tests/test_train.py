@@ -1,8 +1,6 @@
 """The trainer: resume bit for bit, atomic checkpoints, clear errors, logs, seeds."""
 import math
 import os
-import sys
-import types
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from deqreg_lite import train as tr
 from deqreg_lite.config import seed_everything
 from deqreg_lite.datasets import brain_pairs
 from deqreg_lite.losses import diffusion
+from deqreg_lite.methods import base as method_base
 from deqreg_lite.methods.base import RegistrationMethod
 from deqreg_lite.result import RegistrationResult
 from deqreg_lite.warp import warp
@@ -216,18 +215,19 @@ def test_clear_checkpoint_errors(tmp_path, data):
         tr.load_checkpoint(tmp_path / "junk.pt")
 
 
-def test_load_method_rebuilds_through_build_method(tmp_path, monkeypatch):
+def test_load_method_rebuilds_through_from_checkpoint(tmp_path, monkeypatch):
+    # load_method goes through RegistrationMethod.from_checkpoint: the class registered under the checkpoint's name,
+    # built with the stored config (formerly through methods.build_method, which this test used to patch)
     m = make(T=2)
     path = tr.save_checkpoint(tmp_path / "m.pt", m)
     calls = []
 
-    def build_method(name, ndim, **kw):
-        calls.append((name, ndim, kw))
-        return TinyMethod(ndim, **kw)
+    class Spy(TinyMethod):
+        def __init__(self, ndim, **kw):
+            calls.append((self.name, ndim, kw))
+            super().__init__(ndim, **kw)
 
-    fake = types.ModuleType("deqreg_lite.methods")
-    fake.build_method = build_method
-    monkeypatch.setitem(sys.modules, "deqreg_lite.methods", fake)
+    monkeypatch.setitem(method_base._REGISTRY, "tiny", Spy)
     rebuilt = tr.load_method(path, map_location="cpu")
     assert calls == [("tiny", 2, {"width": 4, "T": 2})]
     assert equal(params(rebuilt), params(m)) and not rebuilt.training

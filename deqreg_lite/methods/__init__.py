@@ -11,31 +11,34 @@ deqreg      fixed point of ``phi + UNet([If, Im o phi, phi])``, T = 48, S = 3   
 deqreg12    the same with T = 12, S = 0                                           phantom gradient
 ==========  ===================================================================  ============================
 
-The baselines (no registration, classical gradient descent, elastix) are methods behind the same interface, in
-:mod:`deqreg_lite.methods.baselines`; they have nothing to train and are not in :data:`METHODS`.
-
-``build_method(name, ndim, **kwargs)`` builds one by name; ``method.config()`` gives the kwargs back (for
-checkpoints: ``build_method(method.name, **method.config())``). The training loss lives in
+``build_method(name, ndim, **kwargs)`` builds one by name; ``method.config()`` gives the kwargs back, recorded
+automatically when the method is built (``build_method(method.name, **method.config())`` rebuilds it), and
+``RegistrationMethod.from_checkpoint(path)`` rebuilds a saved one with its weights. What ``steps=None`` and
+``steps=t`` mean for each method is tabulated in :mod:`deqreg_lite.methods.base`. :class:`HalfResolution`
+(:mod:`deqreg_lite.methods.resolution`) runs any of them at a coarser resolution. The baselines (no registration, classical gradient descent,
+elastix) are methods behind the same interface, in :mod:`deqreg_lite.methods.baselines`; they have nothing to
+train and are not in :data:`METHODS`. The training loss lives in
 :mod:`deqreg_lite.methods.loss` (:class:`RegistrationLoss`, default ``lam = 1`` in voxel units).
 """
 from __future__ import annotations
 
 import inspect
 
-from .base import Backward, LossFn, RegistrationMethod
+from .base import Backward, LossFn, RegistrationMethod, registered_methods
 from .baselines import (AnyNdim, BaselineMethod, ClassicalBaseline, ElastixBaseline, IdentityBaseline,
                         classical_method, elastix_method, identity_method)
 from .deqreg import DEQReg, DEQReg12, deqreg12
 from .gradirn import GraDIRN
 from .loss import RegistrationLoss
+from .resolution import HalfResolution
 from .riir import RIIR
 from .unrolling import Unrolling
 from .voxelmorph import VoxelMorph
 
 __all__ = ["RegistrationMethod", "LossFn", "Backward", "VoxelMorph", "Unrolling", "GraDIRN", "RIIR", "DEQReg",
-           "DEQReg12", "deqreg12", "RegistrationLoss", "METHODS", "build_method", "BaselineMethod",
-           "IdentityBaseline", "ClassicalBaseline", "ElastixBaseline", "AnyNdim", "identity_method",
-           "classical_method", "elastix_method"]
+           "DEQReg12", "deqreg12", "RegistrationLoss", "METHODS", "build_method", "HalfResolution",
+           "registered_methods", "BaselineMethod", "IdentityBaseline", "ClassicalBaseline", "ElastixBaseline",
+           "AnyNdim", "identity_method", "classical_method", "elastix_method"]
 
 METHODS: dict[str, type[RegistrationMethod]] = {
     "voxelmorph": VoxelMorph, "unrolling": Unrolling, "gradirn": GraDIRN, "riir": RIIR, "deqreg": DEQReg,

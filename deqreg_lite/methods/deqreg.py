@@ -18,21 +18,25 @@ Training (:meth:`DEQReg.training_step`):
 
 Inference (:meth:`DEQReg.forward`):
 
-* ``steps=None``: the trained solve, as in training (``max_iter=T``, ``tol``, the lowest-residual iterate).
-* ``steps=t``: **exactly t solver steps** with ``tol=0`` and the *last* iterate (``return_policy="last"``): with
-  the default ``solver="fixed_point"`` that is ``phi_t = g^t(0)``, the result after exactly ``t`` steps that a
-  step sweep (Fig. 3) needs, comparable step for step with the unrolled methods. With ``solver="anderson"`` it is
-  Anderson's ``t``-th candidate (``t`` network calls).
+* ``forward(fixed, moving, steps, return_states, *, tol, policy)`` is one solve with ``max_iter=steps``, a
+  relative tolerance ``tol`` and a return ``policy`` (``"lowest"``: the lowest-residual iterate; ``"last"``).
+* ``steps=None``: the trained solve, as in training: ``steps=T``, ``tol=self.tol``, ``policy="lowest"``.
+* ``steps=t``: **exactly t solver steps**: ``tol`` defaults to 0 and ``policy`` to ``"last"``; with the default
+  ``solver="fixed_point"`` that is ``phi_t = g^t(0)``, the result after exactly ``t`` steps that a step sweep
+  (Fig. 3) needs, comparable step for step with the unrolled methods. With ``solver="anderson"`` it is Anderson's
+  ``t``-th candidate (``t`` network calls). Pass ``tol=`` / ``policy=`` to mix (e.g. ``steps=96, tol=1e-3,
+  policy="lowest"``: the trained solve with a larger budget).
 * The returned value never depends on grad mode: with grad on, the phantom gradient is attached without changing
   the value (``z + (p - p.detach())``, ``p`` the K phantom steps), so ``forward`` is differentiable too.
 * **Every pair is solved on its own**: each stops at its own tolerance, gets its own lowest-residual iterate and
   its own divergence verdict (:mod:`deqreg_lite.solvers`), so a pair's displacement does not depend on the other
   pairs of its batch.
-* ``info``: ``steps`` (solver steps run by the batch loop, the most of any pair), ``nfe`` (solver network calls),
-  ``residuals`` (the solver's relative residual trace ``||g(phi) - phi|| / ||g(phi)||``, max over the pairs still
-  running), ``abs_residuals``, ``converged`` (every pair), ``best_step``, ``diverged`` (any pair), ``solver``, and
-  per pair (lists of length ``B``): ``sample_steps``, ``sample_converged``, ``sample_diverged``,
-  ``sample_best_step``, ``sample_residual`` (relative residual of the returned iterate). States are the solver's
+* ``info`` (a :class:`~deqreg_lite.result.MethodInfo`): ``steps`` (solver steps run by the batch loop, the most of
+  any pair), ``nfe`` (solver network calls), ``residuals`` (the solver's relative residual trace
+  ``||g(phi) - phi|| / ||g(phi)||``, max over the pairs still running), ``converged`` (every pair), ``diverged``
+  (any pair), and per pair (lists of length ``B``): ``sample_steps``, ``sample_converged``, ``sample_diverged``,
+  ``sample_best_step``, ``sample_residual`` (relative residual of the returned iterate); in ``info.extras``:
+  ``abs_residuals``, ``best_step``, ``solver``, ``tol`` and ``policy`` (the options the solve ran with). States are the solver's
   candidates ``g(z_k)`` (``phi_1 .. phi_t`` for fixed-point iteration; a pair that stopped early repeats its
   answer there).
 * Divergence (NaN, a residual 1000x the first, the growth check: the field's norm keeps rising while the
@@ -55,7 +59,8 @@ from torch import Tensor
 
 from ..deq import DEQ, phantom
 from ..nets import UNet
-from ..result import RegistrationResult
+from .._checks import check_options
+from ..result import MethodInfo, RegistrationResult
 from .base import Backward, LossFn, RegistrationMethod
 from ._common import Clock, check_count, check_pair, check_steps, make_result, residual_step
 
@@ -73,7 +78,8 @@ class DEQReg(RegistrationMethod):
         K: phantom-gradient steps (Eq. 7-8).
         tau: phantom-gradient damping in (0, 1].
         solver: ``"fixed_point"`` (default), ``"anderson"`` or ``"broyden"``.
-        tol: relative tolerance of the solve for ``steps=None`` and in training.
+        tol: relative tolerance of the solve in training and at test time with ``steps=None`` (the default of
+            ``forward``'s ``tol``).
     """
 
     name = "deqreg"
@@ -91,10 +97,6 @@ class DEQReg(RegistrationMethod):
         self.deq = DEQ(solver=solver, max_iter=T, tol=tol, grad="phantom", K=K, tau=tau, n_states=S,
                        on_diverge="flag")
         self.net = UNet(ndim, 2 + ndim, ndim)
-
-    def config(self) -> dict:
-        return {"ndim": self.ndim, "T": self.T, "S": self.S, "gamma": self.gamma, "K": self.K, "tau": self.tau,
-                "solver": self.solver, "tol": self.tol}
 
     def update_map(self, fixed: Tensor, moving: Tensor,
                    record: Optional[list[Tensor]] = None) -> Callable[[Tensor], Tensor]:
@@ -117,16 +119,35 @@ class DEQReg(RegistrationMethod):
         return fixed.new_zeros(fixed.shape[0], self.ndim, *fixed.shape[2:])
 
     def forward(self, fixed: Tensor, moving: Tensor, steps: Optional[int] = None,
-                return_states: bool = False) -> RegistrationResult:
-        """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)``): the trained solve (``steps=None``) or exactly
-        ``steps`` solver steps, the last one returned. ``disp`` ``(B, ndim, *spatial)``."""
+                return_states: bool = False, *, tol: Optional[float] = None,
+                policy: Optional[str] = None) -> RegistrationResult:
+        """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)``); ``disp`` ``(B, ndim, *spatial)`` in voxels.
+
+        One solve, ``max_iter = steps``, with explicit options:
+
+        * ``steps``: the most solver steps (``None``: the trained ``T``);
+        * ``tol``: relative tolerance at which a pair stops (``0``: never stop early). Default: ``self.tol`` when
+          ``steps`` is ``None``, else ``0``;
+        * ``policy``: which iterate a pair returns, ``"lowest"`` (the lowest relative residual) or ``"last"``.
+          Default: ``"lowest"`` when ``steps`` is ``None``, else ``"last"``.
+
+        So ``steps=None`` is the trained solve, ``steps=T, tol=self.tol, policy="lowest"`` (as in
+        :meth:`training_step`), and ``steps=t`` is exactly ``t`` steps, the last iterate (``phi_t = g^t(0)`` with
+        the fixed-point solver), what a step sweep needs.
+        """
         check_pair(fixed, moving, self.ndim, model=self)
-        exact = steps is not None
+        trained = steps is None
         n = check_steps(steps, self.T)
+        if tol is None:
+            tol = self.tol if trained else 0.0
+        elif isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+            raise ValueError(f"tol must be a finite number >= 0 (relative residual), got {tol!r}")
+        if policy is None:
+            policy = "lowest" if trained else "last"
+        check_options(policy, ("lowest", "last"), "policy")
         clock = Clock(fixed)
-        deq = DEQ(solver=self.solver, max_iter=n, tol=0.0 if exact else self.tol, grad="phantom", K=self.K,
-                  tau=self.tau, on_diverge="flag", return_policy="last" if exact else "lowest",
-                  max_abs=self.max_disp(fixed))
+        deq = DEQ(solver=self.solver, max_iter=n, tol=float(tol), grad="phantom", K=self.K,
+                  tau=self.tau, on_diverge="flag", return_policy=policy, max_abs=self.max_disp(fixed))
         record: Optional[list[Tensor]] = [] if return_states else None
         with torch.no_grad():
             disp, _, dinfo = deq(self.update_map(fixed, moving, record), self._zeros(fixed))
@@ -134,12 +155,14 @@ class DEQReg(RegistrationMethod):
             p = phantom(self.update_map(fixed, moving), disp, self.K, self.tau)
             disp = disp + (p - p.detach())  # the phantom gradient, the solver's value
         states = record[:dinfo.nfe] if record is not None else []
-        info = {"steps": dinfo.nstep, "nfe": dinfo.nfe, "residuals": list(dinfo.rel_trace),
-                "abs_residuals": list(dinfo.abs_trace), "converged": dinfo.converged, "best_step": dinfo.best_step,
-                "diverged": dinfo.diverged, "solver": self.solver,
-                "sample_steps": list(dinfo.sample_nstep), "sample_converged": list(dinfo.sample_converged),
-                "sample_diverged": list(dinfo.sample_diverged), "sample_best_step": list(dinfo.sample_best_step),
-                "sample_residual": list(dinfo.sample_residual)}
+        info = MethodInfo(steps=dinfo.nstep, nfe=dinfo.nfe, residuals=list(dinfo.rel_trace),
+                          converged=dinfo.converged, diverged=dinfo.diverged,
+                          sample_steps=list(dinfo.sample_nstep), sample_converged=list(dinfo.sample_converged),
+                          sample_diverged=list(dinfo.sample_diverged),
+                          sample_best_step=list(dinfo.sample_best_step),
+                          sample_residual=list(dinfo.sample_residual),
+                          extras={"abs_residuals": list(dinfo.abs_trace), "best_step": dinfo.best_step,
+                                  "solver": self.solver, "tol": float(tol), "policy": policy})
         return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
 
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,

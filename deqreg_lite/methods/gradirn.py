@@ -25,7 +25,7 @@ Design choices (documented because the paper leaves them open):
   convention of ``resize_disp``; sizes are ``max(2, s // 2**(levels - 1 - l))``. The U-Nets pad any size.
 * ``steps`` at test time sets the number of steps at the **highest** level; coarser levels always run
   ``steps_per_level``. ``trained_steps`` is therefore ``steps_per_level``. States, ``state_steps`` and
-  ``residuals`` cover the highest level only (``info["coarse_residuals"]`` holds the others); ``nfe`` counts every
+  ``residuals`` cover the highest level only (``info.extras["coarse_residuals"]`` holds the others); ``nfe`` counts every
   network call.
 * Loss on the final output only (``w_t = 0`` in Eq. 4), BPTT through all ``levels * steps_per_level`` steps.
 """
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nets import UNet
-from ..result import RegistrationResult
+from ..result import MethodInfo, RegistrationResult
 from ..warp import resize_disp, warp
 from .base import Backward, LossFn, RegistrationMethod
 from ._common import (Clock, check_count, check_pair, check_steps, downsample, make_result, rel_residual,
@@ -71,16 +71,13 @@ class GraDIRN(RegistrationMethod):
         rho = math.log(math.expm1(self.eta_init))  # softplus^-1
         self.rho = nn.Parameter(torch.full((levels,), rho))
 
-    def config(self) -> dict:
-        return {"ndim": self.ndim, "levels": self.levels, "steps_per_level": self.steps_per_level,
-                "eta_init": self.eta_init}
-
     @property
     def eta(self) -> Tensor:
         """The per-level step sizes ``(levels,)``, in voxels of each level."""
         return F.softplus(self.rho)
 
-    def _iterate(self, fixed: Tensor, moving: Tensor, steps: int, keep: bool) -> tuple[Tensor, list[Tensor], dict]:
+    def _iterate(self, fixed: Tensor, moving: Tensor, steps: int,
+                 keep: bool) -> tuple[Tensor, list[Tensor], MethodInfo]:
         spatial = fixed.shape[2:]
         eta = self.eta
         phi: Optional[Tensor] = None
@@ -106,7 +103,8 @@ class GraDIRN(RegistrationMethod):
                     phis.append(phi)
             residuals.append(trace)
         nfe = sum(len(t) for t in residuals)
-        info = {"steps": steps, "nfe": nfe, "residuals": residuals[-1], "coarse_residuals": residuals[:-1]}
+        info = MethodInfo(steps=steps, nfe=nfe, residuals=residuals[-1],
+                          extras={"coarse_residuals": residuals[:-1]})
         return phi, phis, info
 
     def forward(self, fixed: Tensor, moving: Tensor, steps: Optional[int] = None,
@@ -128,7 +126,7 @@ class GraDIRN(RegistrationMethod):
         disp, _, info = self._iterate(fixed, moving, self.steps_per_level, keep=False)
         loss = loss_fn(fixed, moving, disp)
         backward(loss)
-        out = {"loss": float(loss.detach()), "steps": float(self.steps_per_level), "nfe": float(info["nfe"]),
-               "residual": info["residuals"][-1]}
+        out = {"loss": float(loss.detach()), "steps": float(self.steps_per_level), "nfe": float(info.nfe),
+               "residual": info.residuals[-1]}
         out.update({f"eta{l}": float(e) for l, e in enumerate(self.eta.detach())})
         return out

@@ -85,9 +85,6 @@ class RIIR(RecurrentMethod):
         nn.init.normal_(self.head.weight, std=1e-5)
         nn.init.zeros_(self.head.bias)
 
-    def config(self) -> dict:
-        return {"ndim": self.ndim, "T": self.T, "hidden": self.hidden, "use_grad": self.use_grad}
-
     def _start(self, fixed: Tensor) -> Tensor:
         return fixed.new_zeros(fixed.shape[0], self.hidden, *fixed.shape[2:])
 

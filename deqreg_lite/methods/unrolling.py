@@ -6,7 +6,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from ..nets import UNet
-from ..result import RegistrationResult
+from ..result import MethodInfo, RegistrationResult
 from .base import Backward, LossFn, RegistrationMethod
 from ._common import Clock, check_count, check_pair, check_steps, make_result, rel_residual, residual_step
 
@@ -18,7 +18,7 @@ class RecurrentMethod(RegistrationMethod):
 
     Subclasses set ``T`` and define :meth:`_update` (one step, with an optional recurrent state) and, when they
     carry such a state, :meth:`_start`. ``forward`` runs ``steps`` updates (default ``T``); ``info`` holds
-    ``steps``, ``nfe`` (= steps) and ``residuals`` (``||phi_{t+1} - phi_t|| / ||phi_{t+1}||`` per step, maximum over
+    ``steps``, ``nfe`` (= steps) and ``residuals`` (a :class:`~deqreg_lite.result.MethodInfo`) (``||phi_{t+1} - phi_t|| / ||phi_{t+1}||`` per step, maximum over
     the batch); states are ``phi_1 .. phi_steps`` (``state_steps`` 1..steps).
     """
 
@@ -53,7 +53,7 @@ class RecurrentMethod(RegistrationMethod):
         steps = check_steps(steps, self.T)
         clock = Clock(fixed)
         disp, phis, residuals = self._iterate(fixed, moving, steps, return_states)
-        info = {"steps": steps, "nfe": steps, "residuals": residuals}
+        info = MethodInfo(steps=steps, nfe=steps, residuals=residuals)
         states = [p.detach() for p in phis]
         return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
 
@@ -71,9 +71,6 @@ class Unrolling(RecurrentMethod):
         super().__init__(ndim)
         self.T = self.trained_steps = check_count(T, "T")
         self.net = UNet(ndim, 2 + ndim, ndim)
-
-    def config(self) -> dict:
-        return {"ndim": self.ndim, "T": self.T}
 
     def _update(self, fixed: Tensor, moving: Tensor, phi: Tensor, state: None) -> tuple[Tensor, None]:
         return residual_step(self.net, fixed, moving, phi), None

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from ..nets import UNet
-from ..result import RegistrationResult
+from ..result import MethodInfo, RegistrationResult
 from .base import Backward, LossFn, RegistrationMethod
 from ._common import Clock, check_pair, check_steps, make_result, unet_apply
 
@@ -17,6 +17,7 @@ class VoxelMorph(RegistrationMethod):
     ``[fixed, moving]`` to the displacement in voxels. ``steps`` may only be ``None`` or 1.
 
     ``info``: ``steps`` (1), ``nfe`` (1), ``residuals`` (empty: there is no iteration).
+    ``config()``: ``{"ndim": ndim}``.
     """
 
     name = "voxelmorph"
@@ -25,9 +26,6 @@ class VoxelMorph(RegistrationMethod):
     def __init__(self, ndim: int) -> None:
         super().__init__(ndim)
         self.net = UNet(ndim, 2, ndim)
-
-    def config(self) -> dict:
-        return {"ndim": self.ndim}
 
     def _disp(self, fixed: Tensor, moving: Tensor) -> Tensor:
         return unet_apply(self.net, torch.cat([fixed, moving], dim=1))
@@ -41,7 +39,7 @@ class VoxelMorph(RegistrationMethod):
         clock = Clock(fixed)
         disp = self._disp(fixed, moving)
         states = [disp.detach()] if return_states else []
-        info = {"steps": 1, "nfe": 1, "residuals": []}
+        info = MethodInfo(steps=1, nfe=1, residuals=[])
         return make_result(disp, states, [1] if return_states else [], info, clock.elapsed())
 
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
