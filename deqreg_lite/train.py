@@ -111,11 +111,6 @@ def existing_run_files(checkpoint_dir: str | os.PathLike | None, log_path: str |
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RNG states: get_rng_state / set_rng_state live in deqreg_lite.checkpoints (they are part of the format)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # checkpoints: the format (save_checkpoint, load_checkpoint, ...) lives in deqreg_lite.checkpoints (floor 1, so
 # that the methods can read it); its names are re-exported here
 # ---------------------------------------------------------------------------------------------------------------
