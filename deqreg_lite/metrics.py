@@ -21,7 +21,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from ._checks import check_disp, check_keypoints, check_options
+from ._checks import check_disp, check_keypoints, check_options, check_spacing
 
 __all__ = ["dice", "hd95", "max_distance", "jacobian_det", "folding_percent", "sd_log_jacobian", "tre",
            "sample_disp"]
@@ -39,14 +39,7 @@ def _check_segs(seg_a: Tensor, seg_b: Tensor) -> None:
         raise ValueError(f"seg_a {tuple(seg_a.shape)} and seg_b {tuple(seg_b.shape)} must have the same shape")
 
 
-def _spacing(spacing: float | Sequence[float] | None, ndim: int) -> np.ndarray:
-    if spacing is None:
-        return np.ones(ndim)
-    s = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (ndim,)).copy() if np.ndim(spacing) == 0 \
-        else np.asarray(spacing, dtype=np.float64)
-    if s.shape != (ndim,) or not np.all(s > 0):
-        raise ValueError(f"spacing must be a positive number or {ndim} positive numbers, got {spacing}")
-    return s
+_spacing = check_spacing  # (spacing, ndim) -> (ndim,) float64 mm; the one spacing check, in _checks
 
 
 def _check_mask(mask: Tensor, disp: Tensor, name: str = "mask") -> Tensor:

@@ -72,7 +72,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import NonFiniteError
+from ._checks import NonFiniteError, check_int
 from .config import default_device, seed_everything
 
 __all__ = ["Trainer", "TrainingDivergedError", "RunExistsError", "save_checkpoint", "load_checkpoint", "load_method",
@@ -356,11 +356,8 @@ def _collate(samples: Sequence[Mapping]) -> dict:
 # the trainer
 # ---------------------------------------------------------------------------------------------------------------
 def _check_int(v: Any, name: str, minimum: int, allow_none: bool = False) -> int | None:
-    if v is None and allow_none:
-        return None
-    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, got {v!r}")
-    return int(v)
+    """:func:`deqreg_lite._checks.check_int` (kept under this name for older imports)."""
+    return check_int(v, name, minimum, allow_none=allow_none)
 
 
 class Trainer:
