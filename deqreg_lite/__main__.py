@@ -264,6 +264,14 @@ def _eval_table_text(tables: dict, reference: str) -> str:
     return table1(tables, reference=reference)
 
 
+def _validate_fn(method, val_data, steps) -> dict:
+    """The trainer's validation in ``train``: :func:`deqreg_lite.evaluate.evaluate` without memory and HD95, its
+    summary (mean and std of every column)."""
+    from .evaluate import evaluate
+
+    return evaluate(method, val_data, steps=steps, memory=False, hd95=False).summary()
+
+
 def _evaluate_tables(method, pairs, steps, memory: bool, loss_fn=None, disp_dir=None) -> dict:
     from .evaluate import evaluate, identity_method
 
@@ -336,7 +344,8 @@ def _train(args: argparse.Namespace) -> int:
             val_every=val_every, val_steps=args.steps, checkpoint_dir=out,
             checkpoint_every=args.checkpoint_every if args.checkpoint_every is not None else (val_every or None),
             log_every=args.log_every, seed=args.seed, device=device, amp=args.amp, grad_clip=args.grad_clip,
-            progress=not args.no_progress, log_path=out / "log.jsonl", overwrite=args.overwrite)
+            progress=not args.no_progress, log_path=out / "log.jsonl", overwrite=args.overwrite,
+            validate_fn=_validate_fn)
         if args.resume:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
