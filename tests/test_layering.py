@@ -1,0 +1,111 @@
+"""The floors of deqreg_lite (issue 9): no module imports from a floor above its own, lazily (inside a function) or
+not, and on its own floor only from rooms that are more primitive (listed before it in :data:`FLOORS`).
+
+Every module of the package must be placed in :data:`FLOORS`; a new file that is not fails
+:func:`test_every_module_is_placed` until it is given a floor. The map follows ``deqreg_lite/__init__.py``'s floor
+list. Modules that other work on issue 9 adds (``checkpoints``, ``methods.resolution``, ``methods.baselines``, the
+``evaluate`` package, ``datasets.learn2reg``) are placed already; a placed module that does not exist is fine.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "deqreg_lite"
+
+#: floor -> its rooms, most primitive first. A room may import any room of a lower floor and the rooms listed
+#: before it on its own floor. ``deqreg_lite`` itself (the package's lazy ``__init__``) is the top: nothing imports it.
+FLOORS: dict[int, list[str]] = {
+    0: ["config", "_checks", "memory", "warp", "result", "losses", "metrics", "solvers"],
+    1: ["nets", "deq", "checkpoints",
+        "datasets._nifti", "datasets.synthetic", "datasets.samples", "datasets.pairs", "datasets.download",
+        "datasets.learn2reg", "datasets.oasis", "datasets.nlst", "datasets"],
+    2: ["classical",
+        "methods.base", "methods._common", "methods.loss", "methods.voxelmorph", "methods.unrolling",
+        "methods.gradirn", "methods.riir", "methods.deqreg", "methods.resolution", "methods.baselines", "methods",
+        "pretrained"],
+    3: ["train", "distributed",
+        "evaluate.tables", "evaluate.stats", "evaluate.cost", "evaluate.run", "evaluate"],
+    4: ["viz", "viewer", "widgets"],
+    5: ["presets", "__main__"],
+    6: [""],  # the package itself
+}
+RANK = {name: (floor, i) for floor, rooms in FLOORS.items() for i, name in enumerate(rooms)}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def imports_of(name: str, path: Path) -> list[tuple[int, str]]:
+    """``(line, target)`` for every import of a deqreg_lite module in ``path``, at any depth of the code."""
+    is_pkg = path.name == "__init__.py"
+    package = name.split(".") if is_pkg else name.split(".")[:-1]
+    package = [p for p in package if p]
+    known = modules()
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "deqreg_lite" or alias.name.startswith("deqreg_lite."):
+                    out.append((node.lineno, alias.name[len("deqreg_lite."):] if "." in alias.name else ""))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - (node.level - 1)] if node.level > 1 else list(package)
+                mod = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and (node.module == "deqreg_lite" or node.module.startswith("deqreg_lite.")):
+                mod = node.module[len("deqreg_lite."):] if "." in node.module else ""
+            else:
+                continue
+            for alias in node.names:  # `from . import train` imports the module deqreg_lite.train
+                sub = f"{mod}.{alias.name}" if mod else alias.name
+                out.append((node.lineno, sub if sub in known else mod))
+    return sorted(set(out))
+
+
+def test_every_module_is_placed():
+    unplaced = sorted(n for n in modules() if n not in RANK)
+    assert not unplaced, f"give these modules a floor in tests/test_layering.py (and deqreg_lite/__init__.py): " \
+                         f"{unplaced}"
+
+
+def test_no_module_imports_upward():
+    bad = []
+    for name, path in modules().items():
+        if name not in RANK:
+            continue
+        floor, pos = RANK[name]
+        for line, target in imports_of(name, path):
+            if target == name:
+                continue
+            if target not in RANK:
+                bad.append(f"{path.relative_to(ROOT.parent)}:{line} imports unplaced module {target!r}")
+                continue
+            t_floor, t_pos = RANK[target]
+            if t_floor > floor or (t_floor == floor and t_pos > pos):
+                where = "a higher floor" if t_floor > floor else "a less primitive room of its own floor"
+                bad.append(f"{path.relative_to(ROOT.parent)}:{line} ({name}, floor {floor}) imports "
+                           f"{target or 'deqreg_lite'} (floor {t_floor}), {where}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
+    # a lazy import inside a function, written relative to a sub-package, is still found
+    src = tmp_path / "probe.py"
+    src.write_text("def f():\n    from ..evaluate import evaluate\n    from . import base\n")
+    found = imports_of("methods.probe", src)
+    assert (2, "evaluate") in found and (3, "methods.base") in found
+
+
+def test_train_does_not_import_evaluate():
+    targets = {t for _, t in imports_of("train", ROOT / "train.py")}
+    assert not any(t == "evaluate" or t.startswith("evaluate.") for t in targets)
