@@ -109,3 +109,23 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
 def test_train_does_not_import_evaluate():
     targets = {t for _, t in imports_of("train", ROOT / "train.py")}
     assert not any(t == "evaluate" or t.startswith("evaluate.") for t in targets)
+
+
+# ------------------------------------------------------------------ docs that point inside the repository (issue 9)
+def test_no_reference_to_files_outside_the_repository():
+    # shared/lessons.md and shared/datasets.md are not part of the repository: facts users need are in its own docs
+    repo = ROOT.parent
+    files = [*ROOT.rglob("*.py"), *(repo / "notebooks").glob("*.py"), *(repo / "scripts").glob("*"),
+             *(repo / "benchmarks").glob("*.py")]
+    bad = [f"{p.relative_to(repo)}:{i}" for p in files if p.is_file()
+           for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+           if "shared/lessons" in line or "shared/datasets" in line]
+    assert not bad, bad
+
+
+def test_distributed_uses_the_trainers_hook():
+    from deqreg_lite import distributed, train
+
+    assert "_step" not in vars(distributed.DistributedTrainer)  # the step is the trainer's, not a copy
+    assert "_after_backward" in vars(train.Trainer) and "_after_backward" in vars(distributed.DistributedTrainer)
+    assert "no hook" not in distributed.__doc__
