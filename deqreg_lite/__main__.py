@@ -228,6 +228,22 @@ def _dataset(args: argparse.Namespace, split: str, n: int | None = None):
     return data
 
 
+def _method_flags() -> list[tuple]:
+    """``(option, argparse type or choices, help)`` of each method option in :data:`METHOD_OPTIONS` (the names of the
+    constructors' keywords and of the paper's symbols)."""
+    from .solvers import SOLVERS
+
+    return [
+        ("T", _POS_INT, "iterations, >= 1 (unrolling, riir; deqreg, deqreg12: most solver steps, 48 / 12)"),
+        ("S", _NONNEG_INT, "DEQ methods: trajectory states in the Eq. 9 correction loss, >= 0 (deqreg: 3; 0: none)"),
+        ("gamma", _NONNEG_FLOAT, "DEQ methods: the weight of the state terms in Eq. 9, >= 0 (0.5)"),
+        ("K", _POS_INT, "DEQ methods: phantom-gradient steps (Eq. 7-8), >= 1 (3)"),
+        ("tau", _unit_interval, "DEQ methods: phantom-gradient damping (Eq. 7), in (0, 1] (0.5)"),
+        ("tol", _NONNEG_FLOAT, "DEQ methods: relative tolerance of the fixed-point solve, >= 0 (1e-3)"),
+        ("solver", tuple(SOLVERS), "DEQ methods: the fixed-point solver (fixed_point)"),
+    ]
+
+
 def _method_kwargs(name: str, args: argparse.Namespace) -> dict:
     """The method options given on the command line (``--T``, ``--S``, ...), as constructor keywords.
 
@@ -543,20 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="diffusion weight in voxel units, >= 0 (default per dataset)")
     opts = train.add_argument_group(
         "method options", "passed to the method's constructor; an option the method does not take is an error")
-    opts.add_argument("--T", type=_POS_INT, default=None,
-                      help="iterations, >= 1 (unrolling, riir; deqreg, deqreg12: most solver steps, 48 / 12)")
-    opts.add_argument("--S", type=_NONNEG_INT, default=None,
-                      help="DEQ methods: trajectory states in the Eq. 9 correction loss, >= 0 (deqreg: 3; 0: none)")
-    opts.add_argument("--gamma", type=_NONNEG_FLOAT, default=None,
-                      help="DEQ methods: the weight of the state terms in Eq. 9, >= 0 (0.5)")
-    opts.add_argument("--K", type=_POS_INT, default=None,
-                      help="DEQ methods: phantom-gradient steps (Eq. 7-8), >= 1 (3)")
-    opts.add_argument("--tau", type=_unit_interval, default=None,
-                      help="DEQ methods: phantom-gradient damping (Eq. 7), in (0, 1] (0.5)")
-    opts.add_argument("--tol", type=_NONNEG_FLOAT, default=None,
-                      help="DEQ methods: relative tolerance of the fixed-point solve, >= 0 (1e-3)")
-    opts.add_argument("--solver", default=None, choices=["fixed_point", "anderson", "broyden"],
-                      help="DEQ methods: the fixed-point solver (fixed_point)")
+    for name, kind, text in _method_flags():
+        opts.add_argument(f"--{name}", default=None, help=text,
+                          **({"choices": kind} if isinstance(kind, (tuple, list)) else {"type": kind}))
     train.add_argument("--out", default=None, help="run folder (default runs/DATASET-METHOD)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.add_argument("--overwrite", action="store_true",
