@@ -129,3 +129,41 @@ def test_distributed_uses_the_trainers_hook():
     assert "_step" not in vars(distributed.DistributedTrainer)  # the step is the trainer's, not a copy
     assert "_after_backward" in vars(train.Trainer) and "_after_backward" in vars(distributed.DistributedTrainer)
     assert "no hook" not in distributed.__doc__
+
+
+# ------------------------------------------------------------------------------ one home per helper (issue 9)
+def test_helpers_have_one_home():
+    import torch
+
+    from deqreg_lite import _checks, classical, deq, metrics, solvers, train, viewer
+    from deqreg_lite.datasets import synthetic
+    from deqreg_lite.methods import _common
+
+    assert _common.rel_residual is solvers.rel_residual and deq.Map is solvers.Map
+    assert metrics._spacing is _checks.check_spacing and synthetic._check_int is _checks.check_int
+    assert viewer._spacing([2.0], 3).tolist() == metrics._spacing(2.0, 3).tolist() == [2.0] * 3
+    for check in (lambda v: train._check_int(v, "n", 1), lambda v: _common.check_count(v, "n"),
+                  lambda v: _checks.check_int(v, "n", 1)):
+        assert check(3) == 3
+        for bad in (0, True, 2.0, "3"):
+            with pytest.raises(ValueError, match="n must be an integer >= 1"):
+                check(bad)
+    with pytest.raises(ValueError, match="steps must be an integer >= 1 or None"):
+        _common.check_steps(0, 5)
+    assert _common.check_steps(None, 5) == 5
+    with pytest.raises(ValueError, match="levels must be an integer >= 1"):
+        classical.register(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8), levels=0)
+    # the solvers' trace is the one relative residual, epsilon 1e-9
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 2, 5, 5, generator=g)
+    f = lambda z: 0.5 * z + a
+    z0 = torch.zeros_like(a)
+    _, info = solvers.fixed_point(f, z0, max_iter=3, tol=0.0)
+    z, expected = z0, []
+    for _ in range(3):
+        fz = f(z)
+        expected.append(solvers.rel_residual(fz, z))
+        z = fz
+    assert info.rel_trace == expected
+    num = (f(z0) - z0).reshape(3, -1).norm(dim=1)
+    assert expected[0] == float((num / (f(z0).reshape(3, -1).norm(dim=1) + 1e-9)).max())
