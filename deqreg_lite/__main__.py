@@ -78,6 +78,14 @@ def _device_type(text: str) -> str:
     return text
 
 
+def _unit_interval(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    value = _float_type(0.0, strict=True)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}")
+    return value
+
+
 _POS_INT, _NONNEG_INT = _int_type(1), _int_type(0)
 _POS_FLOAT, _NONNEG_FLOAT = _float_type(0.0, strict=True), _float_type(0.0, strict=False)
 
@@ -88,6 +96,10 @@ def _demo(args: argparse.Namespace) -> int:
     except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+#: the demo's row name for each ``--optimizer``.
+_OPTIMIZER_NAMES = {"adam": "Adam", "gd": "GD"}
 
 
 def _demo_run(args: argparse.Namespace) -> int:
@@ -126,7 +138,8 @@ def _demo_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = register(sample["fixed"], sample["moving"], lam=args.lam, iterations=iterations,
                       optimizer=args.optimizer, lr=args.lr, levels=args.levels, progress=not args.no_progress)
-    rows["classical GD"] = {**pair_metrics(sample, result.disp), "time_s": time.perf_counter() - t0}
+    classical = f"classical ({_OPTIMIZER_NAMES[args.optimizer]})"  # name what runs: Adam or plain gradient descent
+    rows[classical] = {**pair_metrics(sample, result.disp), "time_s": time.perf_counter() - t0}
     if learned:
         from .pretrained import load_pretrained
 
@@ -143,12 +156,12 @@ def _demo_run(args: argparse.Namespace) -> int:
                "time_s": "time s", **{f"dice_{l}": f"Dice {names.get(l, l)}" for l in sample["labels"]}}
     print()
     print(format_table(rows, cols, headers))
-    gain = 100 * (rows["classical GD"]["dice"] - rows["identity"]["dice"])
-    print(f"\nmean Dice {rows['identity']['dice']:.3f} -> {rows['classical GD']['dice']:.3f} "
+    gain = 100 * (rows[classical]["dice"] - rows["identity"]["dice"])
+    print(f"\nmean Dice {rows['identity']['dice']:.3f} -> {rows[classical]['dice']:.3f} "
           f"(+{gain:.1f} points); SDlogJ uses the Learn2Reg convention (sdlogj_plain: "
-          f"{rows['classical GD']['sdlogj_plain']:.3f})")
+          f"{rows[classical]['sdlogj_plain']:.3f})")
     fig = registration_figure(sample["fixed"], sample["moving"], result.disp,
-                              title=f"classical registration, Dice {rows['classical GD']['dice']:.3f}")
+                              title=f"{classical} registration, Dice {rows[classical]['dice']:.3f}")
     try:
         fig.savefig(fig_path, dpi=110)
     except (OSError, ValueError) as e:  # unwritable, or an extension matplotlib does not know
@@ -160,22 +173,11 @@ def _demo_run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # train / evaluate
 # ---------------------------------------------------------------------------------------------------------------
-#: Per-dataset defaults of ``train`` and ``evaluate`` (every entry can be overridden on the command line).
-#: oasis / nlst follow the paper (section 3): 128^3 and 224x192x224 volumes, AdamW lr 1e-4, 100 epochs, batch 1.
-#: lambda is in deqreg_lite's units (displacements in voxels, diffusion = mean squared forward difference):
-#: 1.0 for OASIS, not the paper's 0.1, because 0.1 in voxel units let models collapse (25-28% folding; see
-#: shared/lessons.md and methods/loss.py); 1.25 for NLST keeps the paper's NLST/OASIS ratio (0.125 / 0.1).
-#: ``sample`` = generated 2D pairs around the shipped brain slices (PairDataset), for CPU smoke runs; its lr 1e-3
-#: and iteration count follow the pretrained 2D models (deqreg_lite.pretrained).
-PRESETS: dict[str, dict] = {
-    "oasis": {"ndim": 3, "size": (128, 128, 128), "epochs": 100, "iterations": None, "batch_size": 1, "lr": 1e-4,
-              "lam": 1.0, "val_pairs": None, "eval_split": "val"},
-    "nlst": {"ndim": 3, "size": (224, 192, 224), "epochs": 100, "iterations": None, "batch_size": 1, "lr": 1e-4,
-             "lam": 1.25, "val_pairs": None, "eval_split": "val"},
-    "sample": {"ndim": 2, "size": (80, 96), "epochs": None, "iterations": 1500, "batch_size": 1, "lr": 1e-3,
-               "lam": 1.0, "val_pairs": 9, "eval_split": "test", "train_pairs": 1000},
-}
-DATASET_DIRS = {"oasis": "OASIS", "nlst": "NLST"}
+#: The per-dataset defaults of ``train`` and ``evaluate`` live in :mod:`deqreg_lite.presets` (re-exported here).
+from .presets import DATASET_DIRS, PRESETS  # noqa: E402
+
+#: The method options the command line has flags for (the ``dest`` of each flag is the constructor's keyword).
+METHOD_OPTIONS = ("T", "S", "gamma", "K", "tau", "tol", "solver")
 
 
 class CLIError(Exception):
@@ -187,8 +189,9 @@ def _data_root(dataset: str, data_dir: str | None) -> Path:
 
     root = Path(data_dir).expanduser() if data_dir else default_data_dir() / DATASET_DIRS[dataset]
     if not root.is_dir():
-        raise CLIError(f"the {dataset} data folder {root} does not exist: download the dataset (see "
-                       f"shared/datasets.md) and pass --data-dir, or set DEQREG_DATA_DIR (default "
+        raise CLIError(f"the {dataset} data folder {root} does not exist: download the dataset (where to get it and "
+                       f"the folder layout: README.md, 'Real datasets', and the docstring of "
+                       f"deqreg_lite.datasets.{dataset}) and pass --data-dir, or set DEQREG_DATA_DIR (default "
                        f"{default_data_dir() / DATASET_DIRS[dataset]})")
     return root
 
@@ -225,14 +228,41 @@ def _dataset(args: argparse.Namespace, split: str, n: int | None = None):
     return data
 
 
+def _method_flags() -> list[tuple]:
+    """``(option, argparse type or choices, help)`` of each method option in :data:`METHOD_OPTIONS` (the names of the
+    constructors' keywords and of the paper's symbols)."""
+    from .solvers import SOLVERS
+
+    return [
+        ("T", _POS_INT, "iterations, >= 1 (unrolling, riir; deqreg, deqreg12: most solver steps, 48 / 12)"),
+        ("S", _NONNEG_INT, "DEQ methods: trajectory states in the Eq. 9 correction loss, >= 0 (deqreg: 3; 0: none)"),
+        ("gamma", _NONNEG_FLOAT, "DEQ methods: the weight of the state terms in Eq. 9, >= 0 (0.5)"),
+        ("K", _POS_INT, "DEQ methods: phantom-gradient steps (Eq. 7-8), >= 1 (3)"),
+        ("tau", _unit_interval, "DEQ methods: phantom-gradient damping (Eq. 7), in (0, 1] (0.5)"),
+        ("tol", _NONNEG_FLOAT, "DEQ methods: relative tolerance of the fixed-point solve, >= 0 (1e-3)"),
+        ("solver", tuple(SOLVERS), "DEQ methods: the fixed-point solver (fixed_point)"),
+    ]
+
+
 def _method_kwargs(name: str, args: argparse.Namespace) -> dict:
+    """The method options given on the command line (``--T``, ``--S``, ...), as constructor keywords.
+
+    An option the method's constructor does not take (``--method gradirn --T 5``) is a :class:`CLIError` (exit
+    code 2), as an unknown keyword is a ``TypeError`` everywhere in the library; it is never dropped silently.
+    """
     import inspect
 
     from .methods import METHODS
 
-    valid = inspect.signature(METHODS[name].__init__).parameters
-    given = {"T": args.T, "S": args.S, "gamma": args.gamma}
-    return {k: v for k, v in given.items() if v is not None and k in valid}
+    params = inspect.signature(METHODS[name].__init__).parameters
+    takes = [k for k in METHOD_OPTIONS if k in params]
+    given = {k: getattr(args, k) for k in METHOD_OPTIONS if getattr(args, k, None) is not None}
+    refused = [k for k in given if k not in params]
+    if refused:
+        flags = ", ".join(f"--{k}" for k in refused)
+        hint = f"it takes {', '.join(f'--{k}' for k in takes)}" if takes else "it takes none of the method options"
+        raise CLIError(f"{flags}: not an option of {name} ({hint})")
+    return given
 
 
 def _fill_defaults(args: argparse.Namespace) -> dict:
@@ -250,6 +280,14 @@ def _eval_table_text(tables: dict, reference: str) -> str:
     return table1(tables, reference=reference)
 
 
+def _validate_fn(method, val_data, steps) -> dict:
+    """The trainer's validation in ``train``: :func:`deqreg_lite.evaluate.evaluate` without memory and HD95, its
+    summary (mean and std of every column)."""
+    from .evaluate import evaluate
+
+    return evaluate(method, val_data, steps=steps, memory=False, hd95=False).summary()
+
+
 def _evaluate_tables(method, pairs, steps, memory: bool, loss_fn=None, disp_dir=None) -> dict:
     from .evaluate import evaluate, identity_method
 
@@ -263,7 +301,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from . import distributed as D
     from .config import seed_everything
-    from .methods import RegistrationLoss, build_method
+    from .losses import Objective
+    from .methods import build_method
     from .train import TrainingDivergedError, existing_run_files
 
     info = D.init_from_env()
@@ -314,14 +353,15 @@ def _train(args: argparse.Namespace) -> int:
         kwargs = _method_kwargs(args.method, args)
         seed_everything(args.seed)
         method = build_method(args.method, preset["ndim"], **kwargs)
-        loss_fn = RegistrationLoss(lam=lam)
+        loss_fn = Objective("lncc", "diffusion", lam=lam)
         device = info["device"] if info["device"] is not None else args.device
         trainer = D.DistributedTrainer(
             method, loss_fn, train_data, val_data, lr=lr, batch_size=batch_size, iterations=iterations,
             val_every=val_every, val_steps=args.steps, checkpoint_dir=out,
             checkpoint_every=args.checkpoint_every if args.checkpoint_every is not None else (val_every or None),
             log_every=args.log_every, seed=args.seed, device=device, amp=args.amp, grad_clip=args.grad_clip,
-            progress=not args.no_progress, log_path=out / "log.jsonl", overwrite=args.overwrite)
+            progress=not args.no_progress, log_path=out / "log.jsonl", overwrite=args.overwrite,
+            validate_fn=_validate_fn)
         if args.resume:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -405,7 +445,7 @@ def _load_iteration(path: Path) -> int | str:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .methods import RegistrationLoss
+    from .losses import Objective
     from .train import load_method
 
     try:
@@ -452,7 +492,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"deqreg_lite evaluate: {method.name} from {ckpt} on {args.dataset} {split} ({len(pairs)} pairs, "
           f"{tuple(args.size)}), steps={args.steps or method.trained_steps}")
     lam = run.get("lam", PRESETS[args.dataset]["lam"])
-    tables = _evaluate_tables(method, pairs, args.steps, memory=not args.no_memory, loss_fn=RegistrationLoss(lam),
+    tables = _evaluate_tables(method, pairs, args.steps, memory=not args.no_memory, loss_fn=Objective("lncc", "diffusion", lam=lam),
                               disp_dir=args.disp_dir)
     text = _eval_table_text(tables, method.name)
     print()
@@ -472,7 +512,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="dataset folder (default: $DEQREG_DATA_DIR/OASIS or /NLST, i.e. ~/.deqreg_lite/data/...)")
     p.add_argument("--layout", default=None, help="OASIS folder layout (passed to the OASIS loader)")
     p.add_argument("--size", type=_POS_INT, nargs="+", default=None,
-                   help="image size (2 numbers for sample, 3 for oasis/nlst; default per dataset: PRESETS)")
+                   help="image size (2 numbers for sample, 3 for oasis/nlst; default per dataset: deqreg_lite.presets)")
     p.add_argument("--device", type=_device_type, default=None,
                    help="default: cuda when available, else cpu (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--steps", type=_POS_INT, default=None,
@@ -502,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a learned method (paper settings per dataset; torchrun for DDP)",
                            description="Train a learned method. Defaults per dataset: PRESETS in "
-                                       "deqreg_lite/__main__.py.")
+                                       "deqreg_lite/presets.py.")
     _add_data_args(train, required=True)
     train.add_argument("--method", required=True, choices=sorted(METHODS))
     its = train.add_mutually_exclusive_group()
@@ -517,11 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "is applied from the checkpoint's iteration on and recorded in run.json (lr_changes)")
     train.add_argument("--lam", type=_NONNEG_FLOAT, default=None,
                        help="diffusion weight in voxel units, >= 0 (default per dataset)")
-    train.add_argument("--T", type=_POS_INT, default=None,
-                       help="iterations, >= 1 (deqreg: 48, deqreg12: 12; unrolling, riir)")
-    train.add_argument("--S", type=_NONNEG_INT, default=None,
-                       help="DEQReg phantom-gradient steps (deqreg: 3; 0: none)")
-    train.add_argument("--gamma", type=_NONNEG_FLOAT, default=None, help="DEQReg damping (0.5)")
+    opts = train.add_argument_group(
+        "method options", "passed to the method's constructor; an option the method does not take is an error")
+    for name, kind, text in _method_flags():
+        opts.add_argument(f"--{name}", default=None, help=text,
+                          **({"choices": kind} if isinstance(kind, (tuple, list)) else {"type": kind}))
     train.add_argument("--out", default=None, help="run folder (default runs/DATASET-METHOD)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.add_argument("--overwrite", action="store_true",

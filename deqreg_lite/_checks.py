@@ -1,14 +1,15 @@
 """Input validation shared by the library: clear errors that say what was expected and what came."""
 from __future__ import annotations
 
+import operator
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteError", "check_image", "check_disp", "check_same_spatial", "check_finite", "check_options", "check_keypoints",
+__all__ = ["NonFiniteError", "check_int", "check_spacing", "check_image", "check_disp", "check_same_spatial", "check_finite", "check_options", "check_keypoints",
            "check_image_dtype", "check_unit_range", "UNIT_RANGE_TOL", "LOADER_RANGE_TOL",
            "to_unit_range"]
 
@@ -16,6 +17,41 @@ __all__ = ["NonFiniteError", "check_image", "check_disp", "check_same_spatial", 
 class NonFiniteError(ValueError):
     """A tensor holds NaN or inf. A ``ValueError``, so that bad input reads as bad input; the trainer tells it apart
     from other ``ValueError``s to report a diverging run (a NaN computed from finite images) as divergence."""
+
+
+def check_int(value: Any, name: str, low: int = 1, *, allow_none: bool = False, hint: str = "") -> int | None:
+    """An integer option: ``value`` as an ``int`` if it is an integer ``>= low``, else ``ValueError``.
+
+    The one integer check of the library (constructor options, counts, ``steps``, the CLI's and trainer's numbers).
+    Integers are anything with ``__index__`` (``int``, NumPy integers, 0-d integer tensors); ``bool`` and floats,
+    even ``3.0``, are refused. With ``allow_none=True``, ``None`` passes through unchanged. The message is
+    ``"{name} must be an integer >= {low}[ or None]{hint}, got {value!r}"``; ``hint`` (e.g. ``" (0: off)"``) says
+    what a special value means.
+    """
+    if value is None and allow_none:
+        return None
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if isinstance(value, bool) or number is None or number < low:
+        raise ValueError(f"{name} must be an integer >= {low}{' or None' if allow_none else ''}{hint}, got {value!r}")
+    return number
+
+
+def check_spacing(spacing: float | Sequence[float] | None, ndim: int) -> np.ndarray:
+    """Voxel spacing in mm as ``ndim`` positive float64 numbers, in array-axis order (``ValueError`` otherwise).
+
+    ``None`` means 1 mm on every axis; one number (or a sequence of one) is used on every axis.
+    """
+    if spacing is None:
+        return np.ones(ndim)
+    s = np.atleast_1d(np.asarray(spacing, dtype=np.float64))
+    if s.size == 1:
+        s = np.repeat(s.reshape(1), ndim)
+    if s.shape != (ndim,) or not np.all(s > 0):
+        raise ValueError(f"spacing must be a positive number or {ndim} positive numbers, got {spacing}")
+    return s
 
 
 def check_finite(x: Tensor, name: str) -> None:

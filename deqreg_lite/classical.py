@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._checks import check_disp, check_image, check_options, check_same_spatial
+from ._checks import check_disp, check_image, check_int, check_options, check_same_spatial
 from .config import default_device
 from .losses import Objective
 from .result import RegistrationResult
@@ -111,10 +111,12 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
         raise TypeError(f"lam must be a number (the weight of the diffusion regulariser), got {type(lam).__name__}")
     if not 0 <= lam < math.inf:
         raise ValueError(f"lam must be a finite number >= 0 (the weight of the diffusion regulariser), got {lam!r}")
-    if levels < 1:
-        raise ValueError(f"levels must be >= 1, got {levels}")
-    its = [int(iterations)] * levels if isinstance(iterations, int) else [int(i) for i in iterations]
-    if len(its) != levels or min(its) < 0:
+    levels = check_int(levels, "levels", 1)
+    one = isinstance(iterations, numbers.Integral) and not isinstance(iterations, bool)
+    hint = f" (one count, or {levels} of them: one per level)"
+    its = [check_int(iterations, "iterations", 0, hint=hint)] * levels if one else \
+        [check_int(i, "iterations", 0, hint=hint) for i in iterations]
+    if len(its) != levels:
         raise ValueError(f"iterations must be one count >= 0 or {levels} of them, got {iterations}")
     if lr is None:
         lr = DEFAULT_ADAM_LR if optimizer == "adam" else default_gd_lr(lam, ndim)

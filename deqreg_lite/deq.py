@@ -57,13 +57,12 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_options
-from .solvers import SolverDivergedError, SolverInfo, _check_z0, fixed_point, solve
+from ._checks import check_int, check_options
+from .solvers import Map, SolverDivergedError, SolverInfo, _check_z0, fixed_point, residuals, solve
 from .solvers import solver_options as _options_of
 
 __all__ = ["DEQ", "DEQInfo", "LazyState", "phantom", "correction_loss", "correction_backward", "state_steps"]
 
-Map = Callable[[Tensor], Tensor]
 State = Union[Tensor, "LazyState"]
 _GRADS = ("phantom", "ift", "bptt")
 _BACKENDS = ("lite", "torchdeq")
@@ -213,8 +212,7 @@ class DEQ(nn.Module):
                             f"ift_tol, ift_max_iter")
         for name, value, low in (("max_iter", max_iter, 1), ("K", K, 1), ("n_states", n_states, 0),
                                  ("ift_max_iter", ift_max_iter, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(value, name, low)
         for name, value in (("tol", tol), ("ift_tol", ift_tol)):
             if not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -373,8 +371,7 @@ class DEQ(nn.Module):
                 info.grad_nfe += phase["open"]  # not counted: torchdeq's IFT calls f again in backward()
                 return fz
             with torch.no_grad():
-                a = (fz - z).reshape(z.shape[0], -1).norm(dim=1)
-                r = a / (fz.reshape(z.shape[0], -1).norm(dim=1) + 1e-9)
+                a, r = residuals(fz, z)
             info.abs_trace.append(float(a.max()))
             info.rel_trace.append(float(r.max()))
             info.nfe += 1

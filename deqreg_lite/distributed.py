@@ -30,10 +30,10 @@ Design
   of its own training so that the loop runs identically. Parameters are broadcast from rank 0 at the start (and
   after a resume), so all ranks start equal even with different initial seeds.
 
-:class:`DistributedTrainer` subclasses :class:`deqreg_lite.train.Trainer` and overrides ``_batch`` and ``_step``.
-``train.py`` has no hook between ``training_step`` and the optimizer step, so ``_step`` is re-implemented here;
-the minimal hook that would remove the copy is a ``Trainer._after_backward()`` method (a no-op) called in
-``Trainer._step`` right after ``training_step`` returns, before gradient clipping and the optimizer step.
+:class:`DistributedTrainer` subclasses :class:`deqreg_lite.train.Trainer` and overrides ``_batch`` and
+``_after_backward``: the trainer's hook between ``training_step`` (the gradients are in ``.grad``) and gradient
+clipping and the optimizer step. Here it averages the gradients and the step's stats across the processes; the
+training step itself is the trainer's, not a copy.
 """
 from __future__ import annotations
 

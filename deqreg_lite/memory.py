@@ -1,7 +1,8 @@
 """Measure training memory on any device: the bytes that autograd saves for backward.
 
-On a CPU there is no ``max_memory_allocated``, and peak RSS hides the growth unless glibc is told otherwise
-(``../shared/lessons.md``). What grows with backpropagation through time is the set of tensors autograd saves for
+On a CPU there is no ``max_memory_allocated``, and peak RSS hides the growth unless glibc is told otherwise (with
+glibc's defaults large blocks are recycled out of sight of RSS; peak RSS, read via ``/proc/self/clear_refs``, agreed
+with this count and the profiler only with ``MALLOC_MMAP_THRESHOLD_=65536`` set). What grows with backpropagation through time is the set of tensors autograd saves for
 the backward pass, so we count those, once per storage (several saved tensors can share one).
 
     with SavedBytes() as mem:

@@ -14,17 +14,18 @@ both maps is excluded (NaN); tables average over the labels with ``nanmean``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from scipy import ndimage
 from torch import Tensor
 
-from ._checks import check_disp, check_keypoints, check_options
+from ._checks import check_disp, check_keypoints, check_options, check_spacing
+from .warp import warp
 
 __all__ = ["dice", "hd95", "max_distance", "jacobian_det", "folding_percent", "sd_log_jacobian", "tre",
-           "sample_disp"]
+           "sample_disp", "pair_metrics"]
 
 
 def _check_segs(seg_a: Tensor, seg_b: Tensor) -> None:
@@ -39,14 +40,7 @@ def _check_segs(seg_a: Tensor, seg_b: Tensor) -> None:
         raise ValueError(f"seg_a {tuple(seg_a.shape)} and seg_b {tuple(seg_b.shape)} must have the same shape")
 
 
-def _spacing(spacing: float | Sequence[float] | None, ndim: int) -> np.ndarray:
-    if spacing is None:
-        return np.ones(ndim)
-    s = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (ndim,)).copy() if np.ndim(spacing) == 0 \
-        else np.asarray(spacing, dtype=np.float64)
-    if s.shape != (ndim,) or not np.all(s > 0):
-        raise ValueError(f"spacing must be a positive number or {ndim} positive numbers, got {spacing}")
-    return s
+_spacing = check_spacing  # (spacing, ndim) -> (ndim,) float64 mm; the one spacing check, in _checks
 
 
 def _check_mask(mask: Tensor, disp: Tensor, name: str = "mask") -> Tensor:
@@ -248,3 +242,46 @@ def tre(kp_fixed: Tensor, kp_moving: Tensor, disp: Tensor, spacing: float | Sequ
     sp = torch.as_tensor(_spacing(spacing, ndim), dtype=disp.dtype, device=disp.device)
     err = torch.linalg.vector_norm((kf + sample_disp(disp, kf) - km) * sp, dim=-1)
     return err if batched else err[0]
+
+
+def pair_metrics(sample: Mapping, disp: Tensor, labels: Sequence[int] | None = None, *,
+                 with_hd95: bool = True) -> dict[str, float]:
+    """Metrics of one registered pair (the numbers of a Table 1 row; :mod:`deqreg_lite.evaluate` and the trainer's
+    validation both use this one function).
+
+    Args:
+        sample: a sample dict (``fixed_seg``, ``moving_seg``, ``spacing``, optionally ``labels``, ``fixed_kp``,
+            ``moving_kp``, ``fixed_mask``).
+        disp: ``(1, ndim, *spatial)`` displacement in voxels.
+        labels: label ids for Dice and HD95 (default: ``sample["labels"]``, else every non-zero label).
+        with_hd95: compute HD95 (the slowest metric; off for quick validation during training).
+    Returns:
+        ``dice`` (mean over labels, 0-1), ``dice_<id>`` per label, ``hd95`` (mm, mean over labels),
+        ``folding_pct``, ``sdlogj`` (Learn2Reg convention), ``sdlogj_plain``, and ``tre_mm`` when keypoints exist.
+
+    Missing structures count as failures in both means: a label in one map only (say, wiped out by the warp) has
+    Dice 0 and HD95 equal to the image diagonal in mm (:func:`max_distance`), so it can only make the mean worse.
+    Only labels absent from both maps are left out of the means (NaN, skipped by ``nanmean``); a pair with none of
+    its labels present gets NaN.
+    """
+    disp = disp.detach().float().cpu()
+    out: dict[str, float] = {}
+    spacing = sample.get("spacing")
+    if "fixed_seg" in sample and "moving_seg" in sample:
+        fixed_seg, moving_seg = sample["fixed_seg"].cpu(), sample["moving_seg"].cpu()
+        if labels is None:
+            labels = sample.get("labels") or [int(v) for v in torch.unique(fixed_seg) if v != 0]
+        warped_seg = warp(moving_seg, disp, mode="nearest")
+        d = dice(fixed_seg, warped_seg, labels)[0]
+        out["dice"] = float(torch.nanmean(d))
+        for lab, v in zip(labels, d.tolist()):
+            out[f"dice_{lab}"] = v
+        if with_hd95:
+            out["hd95"] = float(torch.nanmean(hd95(fixed_seg, warped_seg, labels, spacing)[0]))
+    mask = sample.get("fixed_mask")
+    out["folding_pct"] = float(folding_percent(disp)[0])
+    out["sdlogj"] = float(sd_log_jacobian(disp, "l2r", mask=None if mask is None else mask.cpu())[0])
+    out["sdlogj_plain"] = float(sd_log_jacobian(disp, "plain")[0])
+    if "fixed_kp" in sample and "moving_kp" in sample:
+        out["tre_mm"] = float(tre(sample["fixed_kp"], sample["moving_kp"], disp, spacing).mean())
+    return out

@@ -61,15 +61,16 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_finite, check_options
+from ._checks import check_finite, check_int, check_options
 
 __all__ = ["SolverDivergedError", "SolverInfo", "fixed_point", "anderson", "broyden", "solve", "solver_options",
-           "SOLVERS"]
+           "SOLVERS", "residuals", "rel_residual", "Map", "EPS"]
 
 EPS = 1e-9  # added to ||f(z)|| in the relative residual
 GROWTH_WINDOW = 16     # the growth check compares two windows of this many steps (0 turns it off)
 GROWTH_NORM = 1.25     # ... flags a sample whose largest ||f(z)|| rose >= 1.25 x over each of the two windows
 GROWTH_RESIDUAL = 0.9  # ... while min(residual over the last window) >= 0.9 x min(residual before it)
+#: an update map ``z -> f(z)``, ``(B, ...)`` to ``(B, ...)`` (the one declaration; :mod:`deqreg_lite.deq` uses it).
 Map = Callable[[Tensor], Tensor]
 Callback = Optional[Callable[[int, Tensor], None]]
 
@@ -133,6 +134,24 @@ class SolverInfo:
         return math.nan if any(math.isnan(r) for r in self.sample_residual) else max(self.sample_residual)
 
 
+@torch.no_grad()
+def residuals(new: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
+    """The absolute and relative residual of a step, per sample: ``||new - old||`` and
+    ``||new - old|| / (||new|| + EPS)`` (``EPS = 1e-9``), L2 norms over all non-batch axes, two ``(B,)`` tensors in
+    the dtype of ``new``. The one definition of the library's residual: the solvers' ``abs_trace`` / ``rel_trace``,
+    the torchdeq path of :class:`deqreg_lite.deq.DEQ` and the learned methods' traces all use it. ``new`` is
+    ``f(z)`` (the newer iterate), ``old`` is ``z``; both ``(B, ...)``."""
+    b = new.shape[0]
+    abs_res = (new - old).reshape(b, -1).norm(dim=1)
+    return abs_res, abs_res / (new.reshape(b, -1).norm(dim=1) + EPS)
+
+
+def rel_residual(new: Tensor, old: Tensor) -> float:
+    """The largest relative residual over the batch, ``max_b ||new - old|| / (||new|| + 1e-9)`` (see
+    :func:`residuals`), as a Python float: one entry of a ``rel_trace``."""
+    return float(residuals(new, old)[1].max())
+
+
 def _check_z0(z0: Tensor) -> None:
     if not isinstance(z0, Tensor):
         raise TypeError(f"z0 must be a torch.Tensor of shape (B, ...), got {type(z0).__name__}")
@@ -153,17 +172,14 @@ class _Run:
         if not callable(f):
             raise TypeError(f"f must be callable, got {type(f).__name__}")
         _check_z0(z0)
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+        check_int(max_iter, "max_iter", 1)
         if not (isinstance(tol, (int, float)) and 0 <= tol < math.inf):
             raise ValueError(f"tol must be a finite number >= 0 (a relative tolerance), got {tol!r}")
         check_options(return_policy, ("lowest", "last"), "return_policy")
         check_options(on_diverge, ("raise", "flag"), "on_diverge")
         if not diverge_factor > 1:
             raise ValueError(f"diverge_factor must be > 1, got {diverge_factor!r}")
-        if isinstance(growth_window, bool) or not isinstance(growth_window, int) or growth_window < 0:
-            raise ValueError(f"growth_window must be an integer >= 0 (0 turns the growth check off), "
-                             f"got {growth_window!r}")
+        check_int(growth_window, "growth_window", 0, hint=" (0 turns the growth check off)")
         if isinstance(max_abs, bool) or not isinstance(max_abs, (int, float)) or not max_abs > 0:
             raise ValueError(f"max_abs must be a number > 0 (math.inf: no bound), got {max_abs!r}")
         if callback is not None and not callable(callback):
@@ -215,9 +231,9 @@ class _Run:
         info, act = self.info, self.active
         with torch.no_grad():
             batch = z.shape[0]
-            abs_res = (fz - z).reshape(batch, -1).norm(dim=1)
+            abs_res, rel_res = residuals(fz, z)
             norm = fz.reshape(batch, -1).norm(dim=1)
-            rel_res = (abs_res / (norm + EPS)).double()
+            rel_res = rel_res.double()
             abs_res, norm = abs_res.double(), norm.double()
             info.abs_trace.append(float(abs_res[act].max()))
             info.rel_trace.append(float(rel_res[act].max()))
@@ -362,8 +378,7 @@ def anderson(f: Map, z0: Tensor, m: int = 6, lam: float = 1e-4, max_iter: int = 
         ``(z, info)``.
     """
     _check_tau(tau)
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be an integer >= 1, got {m!r}")
+    check_int(m, "m", 1)
     if not lam >= 0:
         raise ValueError(f"lam must be >= 0, got {lam!r}")
     run = _Run("anderson", f, z0, max_iter, tol, return_policy, on_diverge, diverge_factor, callback,
@@ -414,8 +429,7 @@ def broyden(f: Map, z0: Tensor, max_iter: int = 50, tol: float = 1e-3, m: int = 
     Returns:
         ``(z, info)``.
     """
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m must be an integer >= 1, got {m!r}")
+    check_int(m, "m", 1)
     run = _Run("broyden", f, z0, max_iter, tol, return_policy, on_diverge, diverge_factor, callback,
                growth_window, max_abs)
     with torch.no_grad():

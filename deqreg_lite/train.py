@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._checks import NonFiniteError
+from ._checks import NonFiniteError, check_int
 from ._contexts import eval_mode, isolated_rng
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _method_config, get_rng_state,  # noqa: F401
                           load_checkpoint, remove_stale_temps, save_checkpoint, set_rng_state, upgrade_checkpoint)
@@ -174,12 +174,47 @@ def _collate(samples: Sequence[Mapping]) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------------------------
+#: ``validate_fn(method, val_data, steps) -> {"dice": ..., "dice_std": ..., "folding_pct": ..., ...}``
+ValidateFn = Callable[[nn.Module, Any, "int | None"], Mapping[str, Any]]
+
+
+def validate_pairs(method: nn.Module, val_data: Any, steps: int | None = None) -> dict:
+    """The trainer's default validation: register each sample of ``val_data`` (batch 1) with
+    ``method(fixed, moving, steps=steps)`` under ``no_grad``, score it with :func:`deqreg_lite.metrics.pair_metrics`
+    (no HD95) and return the mean and the std (ddof=0, over finite values) of each number over the pairs
+    (``dice``, ``dice_std``, ``folding_pct``, ``folding_pct_std``, ``sdlogj``, ``tre_mm`` with keypoints, and
+    ``time_s``, the wall time of each call), the same numbers as ``evaluate(..., memory=False,
+    hd95=False).summary()``. The samples are moved to the device of the method's parameters."""
+    from .metrics import pair_metrics
+
+    param = next(method.parameters(), None)
+    dev = param.device if param is not None else None
+    kwargs = {} if steps is None else {"steps": steps}
+    items = [val_data[i] for i in range(len(val_data))] if hasattr(val_data, "__getitem__") else list(val_data)
+    rows: list[dict] = []
+    for s in items:
+        fixed, moving = s["fixed"], s["moving"]
+        if dev is not None:
+            fixed, moving = fixed.to(dev), moving.to(dev)
+        if dev is not None and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            result = method(fixed, moving, **kwargs)
+        if dev is not None and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        rows.append({**pair_metrics(s, result.disp, with_hd95=False), "time_s": time.perf_counter() - t0})
+    out: dict = {"n": len(rows)}
+    for key in dict.fromkeys(k for r in rows for k in r):
+        vals = np.asarray([float(r[key]) for r in rows if key in r], dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        out[key], out[f"{key}_std"] = (float(vals.mean()), float(vals.std())) if vals.size else (math.nan, math.nan)
+    return out
+
+
 def _check_int(v: Any, name: str, minimum: int, allow_none: bool = False) -> int | None:
-    if v is None and allow_none:
-        return None
-    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, got {v!r}")
-    return int(v)
+    """:func:`deqreg_lite._checks.check_int` (kept under this name for older imports)."""
+    return check_int(v, name, minimum, allow_none=allow_none)
 
 
 class Trainer:
@@ -191,7 +226,13 @@ class Trainer:
             device when it is an ``nn.Module``).
         train_data: a map-style dataset of sample dicts (``len`` and ``[i]``; e.g.
             :func:`deqreg_lite.datasets.brain_pairs`), a list of sample dicts, or one sample dict.
-        val_data: sample dicts to validate on with :func:`deqreg_lite.evaluate.evaluate` (batch size 1 each).
+        val_data: sample dicts to validate on (batch size 1 each), with ``validate_fn``.
+        validate_fn: ``validate_fn(method, val_data, steps) -> dict`` of mean numbers (``dice``, ``dice_std``,
+            ``folding_pct``, ...; the keys of the history's validation rows); ``best.pt`` follows its ``dice``. The
+            trainer calls it in eval mode with the RNG states saved and restored. Default :func:`validate_pairs`
+            (Dice, folding %, SDlogJ and TRE of :func:`deqreg_lite.metrics.pair_metrics`, no HD95). The command line
+            passes one built on :func:`deqreg_lite.evaluate.evaluate`; the trainer itself never imports
+            ``evaluate``.
         lr: AdamW learning rate (the paper's 1e-4).
         weight_decay: AdamW weight decay (PyTorch's default 0.01).
         batch_size: pairs per iteration (stacked with :func:`deqreg_lite.datasets.collate`).
@@ -235,12 +276,17 @@ class Trainer:
                  val_every: int | None = None, val_steps: int | None = None, checkpoint_dir: str | os.PathLike |
                  None = None, checkpoint_every: int | None = None, log_every: int = 10, seed: int = 0,
                  device: str | torch.device | None = None, amp: bool = False, grad_clip: float | None = None,
-                 progress: bool = True, log_path: str | os.PathLike | None = None, overwrite: bool = False) -> None:
+                 progress: bool = True, log_path: str | os.PathLike | None = None, overwrite: bool = False,
+                 validate_fn: ValidateFn | None = None) -> None:
         if not isinstance(method, nn.Module) or not hasattr(method, "training_step"):
             raise TypeError(f"method must be a RegistrationMethod (an nn.Module with training_step), got "
                             f"{type(method).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (fixed, moving, disp) -> loss, got {type(loss_fn).__name__}")
+        if validate_fn is not None and not callable(validate_fn):
+            raise TypeError(f"validate_fn must be callable (method, val_data, steps) -> dict, got "
+                            f"{type(validate_fn).__name__}")
+        self.validate_fn: ValidateFn = validate_fn if validate_fn is not None else validate_pairs
         if not (isinstance(lr, numbers.Real) and lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         if not (isinstance(weight_decay, numbers.Real) and weight_decay >= 0):
@@ -489,11 +535,8 @@ class Trainer:
         """
         if not self.val_data:
             return None
-        from .evaluate import evaluate
-
         with eval_mode(self.method), isolated_rng():
-            table = evaluate(self.method, self.val_data, steps=self.val_steps, memory=False, hd95=False)
-        s = table.summary()
+            s = self.validate_fn(self.method, self.val_data, self.val_steps)
         row = {"split": "val", "iteration": self.iteration}
         for k in ("dice", "dice_std", "folding_pct", "folding_pct_std", "sdlogj", "sdlogj_std", "tre_mm",
                   "tre_mm_std", "time_s"):

@@ -29,6 +29,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from ._checks import check_spacing
 from .metrics import jacobian_det
 from .warp import warp
 
@@ -71,14 +72,8 @@ def _to_disp(disp) -> torch.Tensor:
 
 
 def _spacing(spacing, ndim: int = 3) -> np.ndarray:
-    if spacing is None:
-        return np.ones(ndim)
-    sp = np.atleast_1d(np.asarray(spacing, dtype=float))
-    if sp.size == 1:
-        sp = np.repeat(sp, ndim)
-    if sp.shape != (ndim,) or not np.all(sp > 0):
-        raise ValueError(f"spacing must be a positive number or {ndim} of them, got {spacing}")
-    return sp
+    """:func:`deqreg_lite._checks.check_spacing` (3D by default)."""
+    return check_spacing(spacing, ndim)
 
 
 def display_stride(shape: Sequence[int], max_size: int | None) -> int:

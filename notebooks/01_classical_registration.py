@@ -96,6 +96,10 @@ print(f"mode {mode()!r}: λ={LAM}, {LEVELS} levels x {ITERATIONS} iterations; sw
 #
 # which is 0 for any translation and grows with every wrinkle. Let us write it by hand once and check it against
 # `deqreg_lite.losses.diffusion`.
+#
+# `deqreg_lite.losses.Objective` puts the two together. It is the library's one objective: classical registration
+# minimises it here, and every learned method of the later notebooks trains on the same class (`terms()` returns
+# `(energy, similarity, regulariser)`, named fields of one record).
 
 # %%
 sample = load_sample("brain2d")

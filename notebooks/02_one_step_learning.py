@@ -59,8 +59,8 @@ from deqreg_lite.config import by_mode, mode, seed_everything
 from deqreg_lite.datasets import load_sample
 from deqreg_lite.datasets.pairs import PairDataset
 from deqreg_lite.evaluate import evaluate, format_table, identity_method, pair_metrics
-from deqreg_lite.losses import diffusion, lncc
-from deqreg_lite.methods import RegistrationLoss, build_method
+from deqreg_lite.losses import Objective, diffusion, lncc
+from deqreg_lite.methods import build_method
 from deqreg_lite.pretrained import HalfResolution, load_pretrained
 from deqreg_lite.train import Trainer
 from deqreg_lite.warp import warp
@@ -86,8 +86,9 @@ print(f"mode {mode()!r}: classical 2 levels x {CLASSICAL_ITERATIONS} iterations,
 # $$\min_\theta\;\mathbb E_{(I_f, I_m)}\Big[\big(1 - \mathrm{LNCC}(I_f, I_m\circ(\mathrm{id} + g_\theta))\big)
 # + \lambda\,\mathcal L_{\text{diff}}\big(g_\theta\big)\Big].$$
 #
-# No ground-truth deformations are needed (unsupervised). The loss is `RegistrationLoss(lam=1.0)`, with the
-# displacement in voxels. Let us check it by hand on the pretrained model's output.
+# No ground-truth deformations are needed (unsupervised). The training loss is the energy of notebook `01`, the same
+# `Objective("lncc", "diffusion", lam=1.0)` (the learned methods' `RegistrationLoss(lam=1.0)` is this class under its
+# training name), with the displacement in voxels. Let us check it by hand on the pretrained model's output.
 #
 # The pretrained models work at 80 x 96 internally (`HalfResolution`): the 160 x 192 images are downsampled, the
 # network runs there, and the displacement is brought back to 160 x 192 (in voxels of that grid).
@@ -99,14 +100,13 @@ voxelmorph = load_pretrained("voxelmorph")
 print(voxelmorph)
 print(f"{sum(p.numel() for p in voxelmorph.parameters()):,} parameters; trained steps: {voxelmorph.trained_steps}")
 
-loss_fn = RegistrationLoss(lam=LAM_TRAIN)
+loss_fn = Objective("lncc", "diffusion", lam=LAM_TRAIN)   # the training loss: E of Eq. 1, as in notebook 01
 with torch.no_grad():
     disp = voxelmorph(fixed, moving).disp
-    terms = loss_fn.terms(fixed, moving, disp)
+    energy, sim, reg = loss_fn.terms(fixed, moving, disp)
     by_hand = (1 - lncc(fixed, warp(moving, disp), win=5)) + LAM_TRAIN * diffusion(disp)
-print(f"loss {terms['loss']:.4f} = (1 - LNCC) {terms['similarity']:.4f} + λ·diffusion {terms['regulariser']:.4f}; "
-      f"by hand {by_hand:.4f}")
-assert torch.allclose(by_hand, terms["loss"])
+print(f"loss {energy:.4f} = (1 - LNCC) {sim:.4f} + λ·diffusion {reg:.4f}; by hand {by_hand:.4f}")
+assert torch.allclose(by_hand, energy)
 assert disp.shape == (1, 2, *fixed.shape[2:])
 
 # %% [markdown]

@@ -7,6 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -84,7 +85,8 @@ print(f"mode {mode()!r}, torch {torch.__version__}")
 # ## 1. Which data?
 #
 # The Learn2Reg OASIS release (or the neurite-oasis one) lives under `$DEQREG_DATA_DIR/OASIS`
-# (`shared/datasets.md` says how to get it; the data is not shipped, because of the OASIS Data Use Agreement).
+# (the README's "Real datasets" section says how to get it and `deqreg_lite.datasets.oasis` the folder layout; the
+# data is not shipped, because of the OASIS Data Use Agreement).
 # The loader raises `FileNotFoundError` when the folder is missing, and then we fall back to the shipped sample.
 
 # %%

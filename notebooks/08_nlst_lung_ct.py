@@ -7,6 +7,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -84,7 +85,8 @@ print(f"mode {mode()!r}, torch {torch.__version__}")
 # %% [markdown]
 # ## 1. Which data?
 #
-# The Learn2Reg NLST release lives under `$DEQREG_DATA_DIR/NLST` (`shared/datasets.md`); the loader raises
+# The Learn2Reg NLST release lives under `$DEQREG_DATA_DIR/NLST` (the README's "Real datasets" section says how to
+# get it, `deqreg_lite.datasets.nlst` the folder layout); the loader raises
 # `FileNotFoundError` when it is missing, and then we use the shipped `lung3d` sample.
 
 # %%

@@ -229,3 +229,46 @@ def test_evaluate_bad_checkpoints_and_options_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--checkpoint", str(out), "--pairs", "0", "--no-memory"])
     assert e.value.code == 2 and "--pairs: must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, flags", [("gradirn", ["--T", "5"]), ("voxelmorph", ["--S", "1"]),
+                                           ("unrolling", ["--K", "2", "--solver", "anderson"]),
+                                           ("riir", ["--gamma", "0.3"])])
+def test_an_option_the_method_does_not_take_is_an_error(method, flags, tmp_path, capsys):
+    # before issue 9 these were dropped silently and training ran without them
+    argv = ["train", *SMALL[:3], method, *SMALL[4:], "--iterations", "0", "--out", str(tmp_path / "r"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"not an option of {method}" in err and flags[0] in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_deq_flags_reach_the_constructor(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["train", *SMALL[:3], "deqreg", *SMALL[4:], "--iterations", "0", "--val-pairs", "0", "--out", str(out),
+            "--T", "4", "--S", "1", "--gamma", "0.25", "--K", "2", "--tau", "0.75", "--tol", "0.01",
+            "--solver", "anderson"]
+    assert main(argv) == 0
+    kwargs = json.loads((out / "run.json").read_text())["method_kwargs"]
+    assert kwargs == {"T": 4, "S": 1, "gamma": 0.25, "K": 2, "tau": 0.75, "tol": 0.01, "solver": "anderson"}
+    config = load_checkpoint(out / "last.pt")["config"]
+    assert {k: config[k] for k in kwargs} == kwargs
+
+
+def test_help_names_the_paper_hyper_parameters(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Eq. 9 correction loss" in text and "weight of the state terms in Eq. 9" in text
+    assert "phantom-gradient steps" not in text.split("--S")[1].split("--gamma")[0]
+    assert "damping" not in text.split("--gamma")[1].split("--K")[0]
+    for flag in ("--K", "--tau", "--tol", "--solver"):
+        assert flag in text
+
+
+def test_presets_are_one_module():
+    from deqreg_lite import __main__ as cli, presets
+
+    assert cli.PRESETS is presets.PRESETS and cli.DATASET_DIRS is presets.DATASET_DIRS
+    assert presets.PRESETS["sample"]["size"] == presets.TRAIN_SIZE
+    assert presets.PRESETS["sample"]["lr"] == presets.SETTINGS["voxelmorph"]["lr"]

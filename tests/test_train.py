@@ -498,3 +498,36 @@ def test_a_real_sigint_during_the_optimizer_update_waits_for_the_iteration_to_fi
     resumed.resume()
     resumed.fit()
     assert equal(params(ref.method), params(resumed.method))
+
+
+# ------------------------------------------------------------------------- validation is a function (issue 9)
+def test_validate_takes_a_validation_function(data):
+    train, val = data
+    calls = []
+
+    def validate_fn(method, val_data, steps):
+        calls.append((method, val_data, steps, method.training))
+        return {"dice": 0.5, "dice_std": 0.0, "folding_pct": 1.0, "ignored": 3}
+
+    method = make()
+    t = tr.Trainer(method, loss_fn, train, val, lr=1e-3, iterations=2, val_every=1, val_steps=1, progress=False,
+                   validate_fn=validate_fn)
+    t.fit()
+    assert [(c[0], c[1], c[2], c[3]) for c in calls] == [(method, val, 1, False)] * 2
+    rows = [r for r in t.history if r["split"] == "val"]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert rows[0]["dice"] == 0.5 and rows[0]["folding_pct"] == 1.0 and "ignored" not in rows[0]
+    with pytest.raises(TypeError, match="validate_fn"):
+        tr.Trainer(make(), loss_fn, train, val, validate_fn=42)
+
+
+def test_default_validation_gives_the_numbers_of_evaluate(data):
+    from deqreg_lite.evaluate import evaluate
+
+    train, val = data
+    method = make().eval()
+    got = tr.validate_pairs(method, val, None)
+    want = evaluate(method, val, memory=False, hd95=False).summary()
+    for k in ("dice", "dice_std", "folding_pct", "folding_pct_std", "sdlogj", "sdlogj_std"):
+        assert got[k] == want[k], k
+    assert got["n"] == len(val) and got["time_s"] >= 0

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_image
+from .._checks import check_image, check_int
 from ..warp import integrate_velocity, warp
 
 __all__ = [
@@ -66,12 +66,7 @@ def _check_number(value: float, name: str, minimum: float = 0.0, strict: bool = 
     return value
 
 
-def _check_int(value: int, name: str, minimum: int) -> int:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+_check_int = check_int  # (value, name, minimum): the library's one integer check
 
 
 def _generator(seed: int | torch.Generator) -> torch.Generator:

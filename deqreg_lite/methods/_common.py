@@ -1,7 +1,6 @@
 """Helpers shared by the learned methods: input checks, size-agnostic U-Net calls, residuals, result assembly."""
 from __future__ import annotations
 
-import operator
 import time
 from typing import Sequence
 
@@ -9,16 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_image, check_image_dtype, check_unit_range
+from .._checks import check_image, check_image_dtype, check_int, check_unit_range
 from ..losses import lncc
 from ..nets import UNet
 from ..result import RegistrationResult
+from ..solvers import rel_residual  # noqa: F401  (re-exported: the one relative residual lives in solvers)
 from ..warp import resize_image, warp
 
 __all__ = ["check_pair", "check_steps", "check_count", "unet_apply", "rel_residual", "downsample", "normalise_grad",
            "image_gradient", "similarity_grad", "GRAD_EPS", "make_result", "Clock", "residual_step"]
-
-EPS = 1e-9  # as in deqreg_lite.solvers: ||phi_{t+1} - phi_t|| / (||phi_{t+1}|| + EPS)
 
 
 def check_pair(fixed: Tensor, moving: Tensor, ndim: int, model: torch.nn.Module | None = None) -> None:
@@ -48,23 +46,16 @@ def check_pair(fixed: Tensor, moving: Tensor, ndim: int, model: torch.nn.Module 
 
 
 def check_steps(steps: int | None, default: int) -> int:
-    """``None`` -> ``default``; otherwise ``steps`` must be an integer >= 1 (``ValueError`` if not)."""
-    if steps is None:
-        return default
-    try:
-        value = operator.index(steps)
-    except TypeError:
-        raise ValueError(f"steps must be None or an integer >= 1, got {steps!r}") from None
-    if isinstance(steps, bool) or value < 1:
-        raise ValueError(f"steps must be None or an integer >= 1, got {steps!r}")
-    return value
+    """``None`` -> ``default``; otherwise ``steps`` must be an integer >= 1 (``ValueError`` if not;
+    :func:`deqreg_lite._checks.check_int`)."""
+    value = check_int(steps, "steps", 1, allow_none=True)
+    return default if value is None else value
 
 
 def check_count(value: int, name: str, low: int = 1) -> int:
-    """A constructor's integer option: ``ValueError`` unless an ``int >= low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
+    """A constructor's integer option: ``ValueError`` unless an integer ``>= low``
+    (:func:`deqreg_lite._checks.check_int`)."""
+    return check_int(value, name, low)
 
 
 def unet_apply(net: UNet, x: Tensor) -> Tensor:
@@ -80,15 +71,6 @@ def unet_apply(net: UNet, x: Tensor) -> Tensor:
         pad_arg += [0, p]
     y = net(F.pad(x, pad_arg, mode="replicate"))
     return y[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
-
-
-@torch.no_grad()
-def rel_residual(new: Tensor, old: Tensor) -> float:
-    """``||new - old|| / (||new|| + 1e-9)`` per sample (L2 over all non-batch axes), maximum over the batch:
-    the same relative residual as the solvers' ``rel_trace``."""
-    b = new.shape[0]
-    num = (new - old).reshape(b, -1).norm(dim=1)
-    return float((num / (new.reshape(b, -1).norm(dim=1) + EPS)).max())
 
 
 def downsample(image: Tensor, size: Sequence[int]) -> Tensor:

@@ -61,12 +61,11 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints import load_checkpoint, upgrade_checkpoint
+from ..losses import LossFn  # declared once, on the losses floor
 from ..result import RegistrationResult
 
 __all__ = ["RegistrationMethod", "LossFn", "Backward", "registered_methods"]
 
-#: ``loss_fn(fixed, moving, disp) -> scalar`` (the training loss of one displacement, e.g. 1 - LNCC + lam * diffusion)
-LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 #: ``backward(loss)``: ``loss.backward()`` by default; the trainer passes a scaled version under AMP.
 Backward = Callable[[Tensor], None]
 
