@@ -33,7 +33,6 @@ import warnings
 import copy
 import datetime as _dt
 import json
-import math
 import platform
 import statistics
 import sys

@@ -24,7 +24,7 @@ from torch import Tensor
 from ._checks import check_disp, check_keypoints, check_options, check_spacing
 from .warp import warp
 
-__all__ = ["dice", "hd95", "max_distance", "jacobian_det", "folding_percent", "sd_log_jacobian", "tre",
+__all__ = ["seg_dice", "dice", "hd95", "max_distance", "jacobian_det", "folding_percent", "sd_log_jacobian", "tre",
            "sample_disp", "pair_metrics"]
 
 
@@ -244,6 +244,23 @@ def tre(kp_fixed: Tensor, kp_moving: Tensor, disp: Tensor, spacing: float | Sequ
     return err if batched else err[0]
 
 
+def seg_dice(sample: Mapping, disp: Tensor, labels: Sequence[int] | None = None
+             ) -> tuple[Sequence[int], Tensor, Tensor, Tensor] | None:
+    """Dice after warping the moving segmentation by ``disp`` (``(1, ndim, *spatial)``, on the CPU) with nearest
+    neighbour.
+
+    Returns ``(labels, dice (L,), fixed_seg, warped_seg)``, or ``None`` when the sample has no segmentations.
+    ``labels`` default to ``sample["labels"]``, else every non-zero label of the fixed segmentation.
+    """
+    if "fixed_seg" not in sample or "moving_seg" not in sample:
+        return None
+    fixed_seg, moving_seg = sample["fixed_seg"].cpu(), sample["moving_seg"].cpu()
+    if labels is None:
+        labels = sample.get("labels") or [int(v) for v in torch.unique(fixed_seg) if v != 0]
+    warped_seg = warp(moving_seg, disp, mode="nearest")
+    return labels, dice(fixed_seg, warped_seg, labels)[0], fixed_seg, warped_seg
+
+
 def pair_metrics(sample: Mapping, disp: Tensor, labels: Sequence[int] | None = None, *,
                  with_hd95: bool = True) -> dict[str, float]:
     """Metrics of one registered pair (the numbers of a Table 1 row; :mod:`deqreg_lite.evaluate` and the trainer's
@@ -267,12 +284,9 @@ def pair_metrics(sample: Mapping, disp: Tensor, labels: Sequence[int] | None = N
     disp = disp.detach().float().cpu()
     out: dict[str, float] = {}
     spacing = sample.get("spacing")
-    if "fixed_seg" in sample and "moving_seg" in sample:
-        fixed_seg, moving_seg = sample["fixed_seg"].cpu(), sample["moving_seg"].cpu()
-        if labels is None:
-            labels = sample.get("labels") or [int(v) for v in torch.unique(fixed_seg) if v != 0]
-        warped_seg = warp(moving_seg, disp, mode="nearest")
-        d = dice(fixed_seg, warped_seg, labels)[0]
+    seg = seg_dice(sample, disp, labels)
+    if seg is not None:
+        labels, d, fixed_seg, warped_seg = seg
         out["dice"] = float(torch.nanmean(d))
         for lab, v in zip(labels, d.tolist()):
             out[f"dice_{lab}"] = v

@@ -102,13 +102,6 @@ class MethodInfo(MutableMapping):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Mapping):
-            return dict(self.items()) == dict(other.items())
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.items())
         return f"MethodInfo({inner})"
@@ -116,7 +109,8 @@ class MethodInfo(MutableMapping):
 
 class _Trace(MutableMapping):
     """``result.trace``: the per-iteration curves; ``"residual"`` reads (and writes) ``result.info.residuals``, so
-    the residual trace is stored once."""
+    the residual trace is stored once. Like :class:`MethodInfo`, it compares equal to any mapping with the same
+    items (``Mapping.__eq__``) and is unhashable."""
 
     def __init__(self, curves: dict[str, list[float]], info: MethodInfo) -> None:
         self._curves = curves
@@ -150,13 +144,6 @@ class _Trace(MutableMapping):
 
     def __len__(self) -> int:
         return len(self._curves) + (self._info.residuals is not None)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Mapping):
-            return dict(self.items()) == dict(other.items())
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return repr(dict(self.items()))

@@ -64,6 +64,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm

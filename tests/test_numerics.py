@@ -4,7 +4,6 @@ same quantities with numbers."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 from .._contexts import eval_mode
 from ..datasets.learn2reg import save_l2r_disp
 from ..methods.baselines import ELASTIX_INSTALL_HINT, elastix_method
-from ..metrics import dice, folding_percent, hd95, sd_log_jacobian, tre
+from ..metrics import folding_percent, pair_metrics, seg_dice
 from ..result import RegistrationResult
-from ..warp import warp
 from .cost import sync, training_cost
 from .stats import is_number, mean_std
 from .tables import Table
@@ -46,65 +45,10 @@ DEFAULT_SWEEP_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
 # ---------------------------------------------------------------------------------------------------------------
 # metrics of one pair
 # ---------------------------------------------------------------------------------------------------------------
-def _seg_dice(sample: Mapping, disp: Tensor, labels: Sequence[int] | None
-              ) -> tuple[Sequence[int], Tensor, Tensor, Tensor] | None:
-    """Dice after warping the moving segmentation by ``disp`` (CPU, ``(1, ndim, *spatial)``) with nearest neighbour.
-
-    Returns ``(labels, dice (L,), fixed_seg, warped_seg)``, or ``None`` when the sample has no segmentations.
-    ``labels`` default to ``sample["labels"]``, else every non-zero label of the fixed segmentation.
-    """
-    if "fixed_seg" not in sample or "moving_seg" not in sample:
-        return None
-    fixed_seg, moving_seg = sample["fixed_seg"].cpu(), sample["moving_seg"].cpu()
-    if labels is None:
-        labels = sample.get("labels") or [int(v) for v in torch.unique(fixed_seg) if v != 0]
-    warped_seg = warp(moving_seg, disp, mode="nearest")
-    return labels, dice(fixed_seg, warped_seg, labels)[0], fixed_seg, warped_seg
-
-
-def pair_metrics(sample: Mapping, disp: Tensor, labels: Sequence[int] | None = None, *,
-                 with_hd95: bool = True) -> dict[str, float]:
-    """Metrics of one registered pair.
-
-    Args:
-        sample: a sample dict (``fixed_seg``, ``moving_seg``, ``spacing``, optionally ``labels``, ``fixed_kp``,
-            ``moving_kp``, ``fixed_mask``).
-        disp: ``(1, ndim, *spatial)`` displacement in voxels.
-        labels: label ids for Dice and HD95 (default: ``sample["labels"]``, else every non-zero label).
-        with_hd95: compute HD95 (the slowest metric; off for quick validation during training).
-    Returns:
-        ``dice`` (mean over labels, 0-1), ``dice_<id>`` per label, ``hd95`` (mm, mean over labels),
-        ``folding_pct``, ``sdlogj`` (Learn2Reg convention), ``sdlogj_plain``, and ``tre_mm`` when keypoints exist.
-
-    Missing structures count as failures in both means: a label in one map only (say, wiped out by the warp) has
-    Dice 0 and HD95 equal to the image diagonal in mm (:func:`~deqreg_lite.metrics.max_distance`), so it can only
-    make the mean worse. Only labels absent from both maps are left out of the means (NaN, skipped by
-    ``nanmean``); a pair with none of its labels present gets NaN.
-    """
-    disp = disp.detach().float().cpu()
-    out: dict[str, float] = {}
-    spacing = sample.get("spacing")
-    seg = _seg_dice(sample, disp, labels)
-    if seg is not None:
-        labels, d, fixed_seg, warped_seg = seg
-        out["dice"] = float(torch.nanmean(d))
-        for lab, v in zip(labels, d.tolist()):
-            out[f"dice_{lab}"] = v
-        if with_hd95:
-            out["hd95"] = float(torch.nanmean(hd95(fixed_seg, warped_seg, labels, spacing)[0]))
-    mask = sample.get("fixed_mask")
-    out["folding_pct"] = float(folding_percent(disp)[0])
-    out["sdlogj"] = float(sd_log_jacobian(disp, "l2r", mask=None if mask is None else mask.cpu())[0])
-    out["sdlogj_plain"] = float(sd_log_jacobian(disp, "plain")[0])
-    if "fixed_kp" in sample and "moving_kp" in sample:
-        out["tre_mm"] = float(tre(sample["fixed_kp"], sample["moving_kp"], disp, spacing).mean())
-    return out
-
-
 def _step_metrics(sample: Mapping, disp: Tensor, labels: Sequence[int] | None) -> tuple[float, float]:
     """Mean Dice (NaN without segmentations) and folding % of one pair: the two numbers of a step sweep."""
     disp = disp.detach().float().cpu()
-    seg = _seg_dice(sample, disp, labels)
+    seg = seg_dice(sample, disp, labels)
     d = float("nan") if seg is None else float(torch.nanmean(seg[1]))
     return d, float(folding_percent(disp)[0])
 
