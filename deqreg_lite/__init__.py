@@ -4,8 +4,8 @@ Modules, ground floor first. Each imports only from the floors below it and, on 
 listed before it (more primitive); nothing imports upward, lazily or not (``tests/test_layering.py`` checks this):
 
 * floor 0, stateless maths and settings: ``config`` (every environment variable), ``_checks`` (every shared input
-  check), ``memory``, ``warp``, ``result``, ``losses`` (the one ``Objective``), ``metrics``, ``solvers`` (and the one
-  relative residual);
+  check), ``_contexts`` (eval mode and isolated RNG state for a block), ``memory``, ``warp``, ``result``,
+  ``losses`` (the one ``Objective``), ``metrics``, ``solvers`` (and the one relative residual);
 * floor 1, data and machinery: ``nets``, ``deq``, ``checkpoints``, ``datasets`` (synthetic, samples, pairs,
   download, Learn2Reg file I/O, OASIS, NLST);
 * floor 2, registration methods: ``classical`` (Eq. 2), ``methods`` (the learned methods, their loss and the

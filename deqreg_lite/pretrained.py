@@ -17,9 +17,9 @@ upsamples the displacement and every state back to the input size with :func:`~d
 are those of 80 x 96 models.
 
 This module trains nothing (it sits on the methods floor and imports neither ``train`` nor ``evaluate``). The
-shipped checkpoints were made by ``python scripts/train_pretrained.py``, with the constants below
-(:data:`SETTINGS`, :data:`TRAIN_SIZE`, :data:`TRAIN_KINDS`, :data:`LAM`); ``data/checkpoints/README.md`` records
-how, and the measured numbers.
+shipped checkpoints were made by ``python scripts/train_pretrained.py`` at :data:`TRAIN_SIZE`, with the settings
+of :mod:`deqreg_lite.presets` (``SETTINGS``, ``TRAIN_KINDS``, ``LAM``); ``data/checkpoints/README.md`` records how,
+and the measured numbers.
 
 Checkpoints use the library's format (:mod:`deqreg_lite.checkpoints`, no optimizer, no RNG state;
 ``torch.load(weights_only=True)`` reads them); :meth:`RegistrationMethod.from_checkpoint
@@ -40,33 +40,14 @@ from .config import REPO_ROOT, checkpoints_dir  # noqa: F401  (re-exported: test
 from .methods.base import RegistrationMethod
 from .methods.resolution import HalfResolution
 
-__all__ = ["PRETRAINED", "SETTINGS", "HalfResolution", "checkpoints_dir", "checkpoint_path", "available_pretrained",
-           "load_pretrained", "TRAIN_ORDER", "TRAIN_SIZE", "INPUT_SIZE", "TRAIN_KINDS", "LAM"]
+__all__ = ["PRETRAINED", "HalfResolution", "checkpoints_dir", "checkpoint_path", "available_pretrained",
+           "load_pretrained", "TRAIN_SIZE", "INPUT_SIZE"]
 
 #: names of the shipped checkpoints.
 PRETRAINED = ("voxelmorph", "unrolling", "gradirn", "riir", "deqreg", "deqreg12")
-#: the order in which the script trains them (a warm-started model after its source).
-TRAIN_ORDER = ("voxelmorph", "unrolling", "deqreg", "deqreg12", "gradirn", "riir")
 #: the size the models were trained at (and run at internally), and the input size they are meant for.
 TRAIN_SIZE = (80, 96)
 INPUT_SIZE = (160, 192)
-#: kinds of training pairs (``"synth"`` is left out: its two images get independent random intensities, which LNCC
-#: training at this budget did not learn from).
-TRAIN_KINDS = ("brain", "inter")
-#: the weight of the diffusion regulariser in the training loss (voxel units).
-LAM = 1.0
-
-#: per method: constructor options, iterations, AdamW learning rate, and an optional warm start (``init``: the
-#: name of a checkpoint whose weights initialise this method; same update map and U-Net).
-SETTINGS: dict[str, dict] = {
-    "voxelmorph": {"kwargs": {}, "iterations": 1500, "lr": 1e-3},
-    "unrolling": {"kwargs": {"T": 3}, "iterations": 1500, "lr": 1e-3},
-    "gradirn": {"kwargs": {}, "iterations": 800, "lr": 1e-3},
-    "riir": {"kwargs": {}, "iterations": 600, "lr": 1e-3},
-    "deqreg12": {"kwargs": {}, "iterations": 400, "lr": 1e-3, "init": "unrolling"},
-    # the warm starts and the 200-iteration early stop of deqreg: see data/checkpoints/README.md
-    "deqreg": {"kwargs": {}, "iterations": 200, "lr": 1e-3, "init": "unrolling"},
-}
 
 _HOW = "python scripts/train_pretrained.py --names {name}"
 

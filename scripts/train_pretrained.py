@@ -30,8 +30,8 @@ from deqreg_lite.config import checkpoints_dir  # noqa: E402
 from deqreg_lite.datasets.pairs import PairDataset  # noqa: E402
 from deqreg_lite.evaluate import pair_metrics  # noqa: E402
 from deqreg_lite.methods import RegistrationLoss, build_method  # noqa: E402
-from deqreg_lite.pretrained import (INPUT_SIZE, LAM, PRETRAINED, SETTINGS, TRAIN_KINDS, TRAIN_ORDER,  # noqa: E402
-                                    TRAIN_SIZE, _check_name)
+from deqreg_lite.presets import LAM, SETTINGS, TRAIN_KINDS, TRAIN_ORDER  # noqa: E402
+from deqreg_lite.pretrained import INPUT_SIZE, PRETRAINED, TRAIN_SIZE, _check_name  # noqa: E402
 from deqreg_lite.train import Trainer, load_checkpoint, save_checkpoint  # noqa: E402
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "deqreg_lite"
 #: floor -> its rooms, most primitive first. A room may import any room of a lower floor and the rooms listed
 #: before it on its own floor. ``deqreg_lite`` itself (the package's lazy ``__init__``) is the top: nothing imports it.
 FLOORS: dict[int, list[str]] = {
-    0: ["config", "_checks", "memory", "warp", "result", "losses", "metrics", "solvers"],
+    0: ["config", "_checks", "_contexts", "memory", "warp", "result", "losses", "metrics", "solvers"],
     1: ["nets", "deq", "checkpoints",
         "datasets._nifti", "datasets.synthetic", "datasets.samples", "datasets.pairs", "datasets.download",
         "datasets.learn2reg", "datasets.oasis", "datasets.nlst", "datasets"],
@@ -27,7 +27,7 @@ FLOORS: dict[int, list[str]] = {
         "methods.gradirn", "methods.riir", "methods.deqreg", "methods.resolution", "methods.baselines", "methods",
         "pretrained"],
     3: ["train", "distributed",
-        "evaluate.tables", "evaluate.stats", "evaluate.cost", "evaluate.run", "evaluate"],
+        "evaluate.stats", "evaluate.tables", "evaluate.cost", "evaluate.run", "evaluate"],
     4: ["viz", "viewer", "widgets"],
     5: ["presets", "__main__"],
     6: [""],  # the package itself

@@ -2,14 +2,22 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from .tables import Table
-
 __all__ = ["mean_std", "paired_values", "wilcoxon", "is_number", "is_finite_number"]
+
+
+class PerPairTable(Protocol):
+    """What the tests need of a table (:class:`deqreg_lite.evaluate.tables.Table`, which imports this module):
+    its per-pair rows (dicts with ``"pair"``) and ``values(metric)``, the metric's value per row."""
+
+    rows: list
+
+    def values(self, metric: str) -> list: ...
+
+
 
 
 def is_number(v: Any) -> bool:
@@ -31,7 +39,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std())
 
 
-def paired_values(table_a: "Table", table_b: "Table", metric: str) -> tuple[np.ndarray, np.ndarray]:
+def paired_values(table_a: PerPairTable, table_b: PerPairTable, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """The values of ``metric`` of the same pairs in two tables, as two float64 arrays ``(n,)``.
 
     Pairs are matched by their ``pair`` ids when both tables have the same unique ids, else by position (then the
@@ -54,7 +62,7 @@ def paired_values(table_a: "Table", table_b: "Table", metric: str) -> tuple[np.n
     return a[keep], b[keep]
 
 
-def wilcoxon(table_a: "Table", table_b: "Table", metric: str = "dice", alternative: str = "two-sided") -> float:
+def wilcoxon(table_a: PerPairTable, table_b: PerPairTable, metric: str = "dice", alternative: str = "two-sided") -> float:
     """Paired Wilcoxon signed-rank test (``scipy.stats.wilcoxon``) of ``metric`` between two tables of the same
     pairs (matched by their ``pair`` ids, else by position; :func:`paired_values`); returns the p-value.
 
