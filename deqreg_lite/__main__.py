@@ -550,35 +550,38 @@ def build_parser() -> argparse.ArgumentParser:
                      help="total iterations (optimizer steps; 0: none, the untrained model is saved and evaluated)")
     its.add_argument("--epochs", type=_NONNEG_INT, default=None,
                      help="epochs over the training pairs (paper: 100; 0: none)")
-    train.add_argument("--batch-size", type=_POS_INT, default=None,
-                       help="global batch, >= 1 (split across torchrun ranks)")
-    train.add_argument("--lr", type=_POS_FLOAT, default=None,
-                       help="AdamW learning rate, > 0 (paper: 1e-4). With --resume: default the run's; a new value "
-                            "is applied from the checkpoint's iteration on and recorded in run.json (lr_changes)")
-    train.add_argument("--lam", type=_NONNEG_FLOAT, default=None,
-                       help="diffusion weight in voxel units, >= 0 (default per dataset)")
+    valued = [  # (flag, type, default, help), in the order --help lists them
+        ("--batch-size", _POS_INT, None, "global batch, >= 1 (split across torchrun ranks)"),
+        ("--lr", _POS_FLOAT, None, "AdamW learning rate, > 0 (paper: 1e-4). With --resume: default the run's; a new "
+                                   "value is applied from the checkpoint's iteration on and recorded in run.json "
+                                   "(lr_changes)"),
+        ("--lam", _NONNEG_FLOAT, None, "diffusion weight in voxel units, >= 0 (default per dataset)"),
+        ("--out", str, None, "run folder (default runs/DATASET-METHOD)"),
+        ("--seed", _NONNEG_INT, 0, None),
+        ("--grad-clip", _POS_FLOAT, None, "clip the gradient norm to this, > 0"),
+        ("--val-every", _NONNEG_INT, None, "validate every N iterations (default: each epoch; 250 for sample; 0: only "
+                                           "at the end)"),
+        ("--val-pairs", _NONNEG_INT, None, "validation pairs (default: all; 9 for sample; 0: no validation)"),
+        ("--checkpoint-every", _NONNEG_INT, None, "write last.pt every N iterations (default: --val-every; 0: only "
+                                                  "around validations and at the end)"),
+        ("--log-every", _POS_INT, 10, "iterations per log row, >= 1"),
+    ]
+    for flag, kind, default, text in valued:
+        train.add_argument(flag, type=kind, default=default, help=text)
+    switches = [
+        ("--resume", "continue from OUT/last.pt"),
+        ("--overwrite", "replace the run in OUT (refused without it: last.pt, best.pt, log.jsonl, run.json)"),
+        ("--amp", "mixed precision (CUDA only)"),
+        ("--no-eval", "skip the final Table 1 row"),
+        ("--no-progress", "hide the progress bar"),
+    ]
+    for flag, text in switches:
+        train.add_argument(flag, action="store_true", help=text)
     opts = train.add_argument_group(
         "method options", "passed to the method's constructor; an option the method does not take is an error")
     for name, kind, text in _method_flags():
         opts.add_argument(f"--{name}", default=None, help=text,
                           **({"choices": kind} if isinstance(kind, (tuple, list)) else {"type": kind}))
-    train.add_argument("--out", default=None, help="run folder (default runs/DATASET-METHOD)")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace the run in OUT (refused without it: last.pt, best.pt, log.jsonl, run.json)")
-    train.add_argument("--seed", type=_NONNEG_INT, default=0)
-    train.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
-    train.add_argument("--grad-clip", type=_POS_FLOAT, default=None, help="clip the gradient norm to this, > 0")
-    train.add_argument("--val-every", type=_NONNEG_INT, default=None,
-                       help="validate every N iterations (default: each epoch; 250 for sample; 0: only at the end)")
-    train.add_argument("--val-pairs", type=_NONNEG_INT, default=None,
-                       help="validation pairs (default: all; 9 for sample; 0: no validation)")
-    train.add_argument("--checkpoint-every", type=_NONNEG_INT, default=None,
-                       help="write last.pt every N iterations (default: --val-every; 0: only around validations "
-                            "and at the end)")
-    train.add_argument("--log-every", type=_POS_INT, default=10, help="iterations per log row, >= 1")
-    train.add_argument("--no-eval", action="store_true", help="skip the final Table 1 row")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("evaluate", help="evaluate a checkpoint and print a Table 1 (markdown)")

@@ -9,14 +9,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_image, check_image_dtype, check_int, check_unit_range
-from ..losses import lncc
+from ..losses import LossFn, lncc
 from ..nets import UNet
 from ..result import RegistrationResult
 from ..solvers import rel_residual  # noqa: F401  (re-exported: the one relative residual lives in solvers)
 from ..warp import resize_image, warp
+from .base import Backward, RegistrationMethod
 
 __all__ = ["check_pair", "check_steps", "check_count", "unet_apply", "rel_residual", "downsample", "normalise_grad",
-           "image_gradient", "similarity_grad", "GRAD_EPS", "make_result", "Clock", "residual_step"]
+           "image_gradient", "similarity_grad", "GRAD_EPS", "make_result", "Clock", "residual_step",
+           "iterate_forward", "last_field_training_step"]
 
 
 def check_pair(fixed: Tensor, moving: Tensor, ndim: int, model: torch.nn.Module | None = None) -> None:
@@ -157,3 +159,30 @@ def residual_step(net: UNet, fixed: Tensor, moving: Tensor, phi: Tensor) -> Tens
     ``fixed``, ``moving`` ``(B, 1, *spatial)``; ``phi`` ``(B, ndim, *spatial)`` in voxels; returns like ``phi``.
     """
     return phi + unet_apply(net, torch.cat([fixed, warp(moving, phi), phi], dim=1))
+
+
+def iterate_forward(method: RegistrationMethod, fixed: Tensor, moving: Tensor, steps: int | None,
+                    return_states: bool) -> RegistrationResult:
+    """The forward pass of an unrolled method: check the pair, run ``method._iterate(fixed, moving, steps, keep)``
+    (``steps=None``: ``method.trained_steps``) and assemble the result, with the states ``phi_1 .. phi_steps``
+    (detached) when ``return_states``."""
+    check_pair(fixed, moving, method.ndim, model=method)
+    steps = check_steps(steps, method.trained_steps)
+    clock = Clock(fixed)
+    disp, phis, info = method._iterate(fixed, moving, steps, return_states)
+    states = [p.detach() for p in phis]
+    return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
+
+
+def last_field_training_step(method: RegistrationMethod, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
+                             backward: Backward, steps: int) -> dict[str, float]:
+    """The training step of an unrolled method trained on its last field only: check the pair, run
+    ``method._iterate(fixed, moving, steps, keep=False)`` with the graph on (BPTT), back-propagate
+    ``loss_fn(fixed, moving, phi_steps)`` and return ``loss``, ``steps``, ``nfe`` and the last ``residual``."""
+    check_pair(fixed, moving, method.ndim, model=method)
+    disp, _, info = method._iterate(fixed, moving, steps, keep=False)
+    loss = loss_fn(fixed, moving, disp)
+    backward(loss)
+    return {"loss": float(loss.detach()), "steps": float(steps), "nfe": float(info.nfe),
+            "residual": info.residuals[-1]}
+

@@ -42,7 +42,7 @@ from ..nets import UNet
 from ..result import MethodInfo, RegistrationResult
 from ..warp import resize_disp, warp
 from .base import Backward, LossFn, RegistrationMethod
-from ._common import (Clock, check_count, check_pair, check_steps, downsample, make_result, rel_residual,
+from ._common import (check_count, downsample, iterate_forward, last_field_training_step, rel_residual,
                       similarity_grad, unet_apply)
 
 __all__ = ["GraDIRN"]
@@ -112,21 +112,11 @@ class GraDIRN(RegistrationMethod):
         """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)``); ``steps`` (default ``steps_per_level``) is the
         number of steps at the highest level. Works under ``torch.no_grad()`` (the similarity gradient enables grad
         locally)."""
-        check_pair(fixed, moving, self.ndim, model=self)
-        steps = check_steps(steps, self.steps_per_level)
-        clock = Clock(fixed)
-        disp, phis, info = self._iterate(fixed, moving, steps, return_states)
-        states = [p.detach() for p in phis]
-        return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
+        return iterate_forward(self, fixed, moving, steps, return_states)
 
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:
         """BPTT through every level's steps, loss on the final full-resolution field only."""
-        check_pair(fixed, moving, self.ndim, model=self)
-        disp, _, info = self._iterate(fixed, moving, self.steps_per_level, keep=False)
-        loss = loss_fn(fixed, moving, disp)
-        backward(loss)
-        out = {"loss": float(loss.detach()), "steps": float(self.steps_per_level), "nfe": float(info.nfe),
-               "residual": info.residuals[-1]}
+        out = last_field_training_step(self, fixed, moving, loss_fn, backward, self.steps_per_level)
         out.update({f"eta{l}": float(e) for l, e in enumerate(self.eta.detach())})
         return out

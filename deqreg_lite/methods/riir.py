@@ -99,9 +99,9 @@ class RIIR(RecurrentMethod):
                       backward: Backward = Tensor.backward) -> dict[str, float]:
         """BPTT through ``T`` steps with the normalised Eq. 4 weights on every step's loss."""
         check_pair(fixed, moving, self.ndim, model=self)
-        _, phis, residuals = self._iterate(fixed, moving, self.T, keep=True)
+        _, phis, info = self._iterate(fixed, moving, self.T, keep=True)
         losses = [loss_fn(fixed, moving, p) for p in phis]
         loss = sum(w * l for w, l in zip(riir_weights(self.T), losses))
         backward(loss)
         return {"loss": float(loss.detach()), "loss_final": float(losses[-1].detach()), "steps": float(self.T),
-                "nfe": float(self.T), "residual": residuals[-1]}
+                "nfe": float(info.nfe), "residual": info.residuals[-1]}

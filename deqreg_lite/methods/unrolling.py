@@ -8,7 +8,7 @@ from torch import Tensor
 from ..nets import UNet
 from ..result import MethodInfo, RegistrationResult
 from .base import Backward, LossFn, RegistrationMethod
-from ._common import Clock, check_count, check_pair, check_steps, make_result, rel_residual, residual_step
+from ._common import check_count, iterate_forward, last_field_training_step, rel_residual, residual_step
 
 __all__ = ["RecurrentMethod", "Unrolling"]
 
@@ -32,9 +32,9 @@ class RecurrentMethod(RegistrationMethod):
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _iterate(self, fixed: Tensor, moving: Tensor, steps: int,
-                 keep: bool) -> tuple[Tensor, list[Tensor], list[float]]:
+                 keep: bool) -> tuple[Tensor, list[Tensor], MethodInfo]:
         """Run ``steps`` updates from zero (with the graph when grad mode is on); return the last field, the fields
-        of every step when ``keep`` (else empty) and the residual trace."""
+        of every step when ``keep`` (else empty) and the :class:`MethodInfo` (steps, nfe, residual trace)."""
         phi = fixed.new_zeros(fixed.shape[0], self.ndim, *fixed.shape[2:])
         state = self._start(fixed)
         phis, residuals = [], []
@@ -44,18 +44,12 @@ class RecurrentMethod(RegistrationMethod):
             phi = new
             if keep:
                 phis.append(phi)
-        return phi, phis, residuals
+        return phi, phis, MethodInfo(steps=steps, nfe=steps, residuals=residuals)
 
     def forward(self, fixed: Tensor, moving: Tensor, steps: Optional[int] = None,
                 return_states: bool = False) -> RegistrationResult:
         """Register ``moving`` to ``fixed`` (both ``(B, 1, *spatial)``) in ``steps`` (default ``T``) updates."""
-        check_pair(fixed, moving, self.ndim, model=self)
-        steps = check_steps(steps, self.T)
-        clock = Clock(fixed)
-        disp, phis, residuals = self._iterate(fixed, moving, steps, return_states)
-        info = MethodInfo(steps=steps, nfe=steps, residuals=residuals)
-        states = [p.detach() for p in phis]
-        return make_result(disp, states, list(range(1, len(states) + 1)), info, clock.elapsed())
+        return iterate_forward(self, fixed, moving, steps, return_states)
 
 
 class Unrolling(RecurrentMethod):
@@ -78,9 +72,4 @@ class Unrolling(RecurrentMethod):
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:
         """BPTT through ``T`` steps, loss on ``phi_T`` only."""
-        check_pair(fixed, moving, self.ndim, model=self)
-        disp, _, residuals = self._iterate(fixed, moving, self.T, keep=False)
-        loss = loss_fn(fixed, moving, disp)
-        backward(loss)
-        return {"loss": float(loss.detach()), "steps": float(self.T), "nfe": float(self.T),
-                "residual": residuals[-1]}
+        return last_field_training_step(self, fixed, moving, loss_fn, backward, self.T)
