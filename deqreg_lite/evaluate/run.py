@@ -18,6 +18,7 @@ A table's method name is ``method.name``, else the function's ``__name__``.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,9 +97,17 @@ class MethodCall:
             return sample["fixed"], sample["moving"]
         return sample["fixed"].to(self.device), sample["moving"].to(self.device)
 
+    @property
+    def takes_certificate(self) -> bool:
+        """Whether the method's ``forward`` (or the callable) declares a ``certificate`` option (DEQReg's; a
+        wrapper such as :class:`~deqreg_lite.methods.resolution.HalfResolution` that passes ``**options`` on is
+        asked about the method it wraps)."""
+        return _declares(self.method, "certificate")
+
     def __call__(self, fixed: Tensor, moving: Tensor, steps: int | None = None,
-                 return_states: bool = False) -> RegistrationResult:
+                 return_states: bool = False, certificate: bool = False) -> RegistrationResult:
         """Register ``(fixed, moving)``; a module under ``no_grad``, a callable with gradients enabled.
+        ``certificate=True`` is passed on only to a method that takes it (:attr:`takes_certificate`).
 
         Raises:
             TypeError: the method returned neither a RegistrationResult nor a tensor (or does not take an option
@@ -110,6 +119,8 @@ class MethodCall:
             options["steps"] = steps
         if return_states:
             options["return_states"] = True
+        if certificate and self.takes_certificate:
+            options["certificate"] = True
         with torch.no_grad() if self.module is not None else torch.enable_grad():
             out = self.method(fixed, moving, **options)
         if isinstance(out, Tensor):
@@ -121,6 +132,43 @@ class MethodCall:
         if tuple(out.disp.shape) != expected:
             raise ValueError(f"{self.name} returned disp {tuple(out.disp.shape)}; expected {expected}")
         return out
+
+
+def _declares(method: Any, option: str) -> bool:
+    """Whether ``method`` (its ``forward`` for a module) names keyword ``option`` in its signature; behind a
+    ``**options`` catch-all, whether the wrapped ``method.method`` does."""
+    target = method.forward if isinstance(method, nn.Module) else method
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    if option in params and params[option].kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                    inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return True
+    inner = getattr(method, "method", None)
+    if inner is not None and inner is not method and any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                                         for p in params.values()):
+        return _declares(inner, option)
+    return False
+
+
+def _certificate_columns(info: Mapping) -> dict[str, float]:
+    """The convergence columns of one pair (batch 1) from a result's info, where the method reports them:
+    ``residual`` (final relative residual of the returned field), ``converged`` (1.0 / 0.0) and
+    ``spectral_radius`` (the estimate at the returned field, with ``certificate=True``)."""
+    out: dict[str, float] = {}
+    per_pair = info.get("sample_residual")
+    if isinstance(per_pair, (list, tuple)) and len(per_pair) == 1 and is_number(per_pair[0]):
+        out["residual"] = float(per_pair[0])
+    conv = info.get("sample_converged")
+    if isinstance(conv, (list, tuple)) and len(conv) == 1 and conv[0] is not None:
+        out["converged"] = float(bool(conv[0]))
+    elif isinstance(info.get("converged"), bool):
+        out["converged"] = float(info["converged"])
+    rho = info.get("spectral_radius")
+    if isinstance(rho, (list, tuple)) and len(rho) == 1 and is_number(rho[0]):
+        out["spectral_radius"] = float(rho[0])
+    return out
 
 
 def as_method(method: Any, device: str | torch.device | None = None) -> MethodCall:
@@ -183,7 +231,7 @@ def _progress(items: list, desc: str, show: bool):
 def evaluate(method: Any, pairs: Any, steps: int | None = None, memory: bool = True,
              labels: Sequence[int] | None = None, *, loss_fn: Callable | None = None, hd95: bool = True,
              name: str | None = None, device: str | torch.device | None = None, progress: bool = False,
-             disp_dir: str | Path | None = None, disp_format: str = "nii.gz") -> Table:
+             disp_dir: str | Path | None = None, disp_format: str = "nii.gz", certificate: bool = False) -> Table:
     """Register every pair with ``method`` and score it.
 
     Args:
@@ -204,10 +252,18 @@ def evaluate(method: Any, pairs: Any, steps: int | None = None, memory: bool = T
             (:func:`~deqreg_lite.datasets.learn2reg.save_l2r_disp`, ``disp_{fixed}_{moving}.nii.gz`` or ``.npz``,
             named from the sample's ``ids``).
         disp_format: ``"nii.gz"`` or ``"npz"``.
+        certificate: pass ``certificate=True`` to methods that take it (DEQReg, also inside
+            :class:`~deqreg_lite.methods.resolution.HalfResolution`; other methods run as without it), which adds
+            the ``spectral_radius`` column (the estimate of the update map's spectral radius at the returned field;
+            its time is inside ``time_s``).
     Returns:
         a :class:`~.tables.Table`; ``time_s`` is the wall time of the method's call (CUDA synchronised); on CUDA
-        the first pair is run once untimed first, to warm up.
+        the first pair is run once untimed first, to warm up. Methods that report their convergence (DEQReg:
+        ``info.sample_residual``, ``info.sample_converged``) get the per-pair columns ``residual`` (final
+        relative residual) and ``converged`` (1.0 or 0.0), and ``spectral_radius`` with ``certificate=True``.
     """
+    if not isinstance(certificate, bool):
+        raise ValueError(f"certificate must be True or False, got {certificate!r}")
     items = _as_pairs(pairs)
     call = as_method(method, device)
     dev = call.device
@@ -219,7 +275,7 @@ def evaluate(method: Any, pairs: Any, steps: int | None = None, memory: bool = T
             fixed, moving = call.pair(s)
             sync(dev)
             t0 = time.perf_counter()
-            result = call(fixed, moving, steps)
+            result = call(fixed, moving, steps, certificate=certificate)
             sync(dev)
             elapsed = time.perf_counter() - t0
             row: dict = {"pair": _pair_id(s, i)}
@@ -229,6 +285,7 @@ def evaluate(method: Any, pairs: Any, steps: int | None = None, memory: bool = T
                 v = result.info.get(k)
                 if is_number(v):
                     row[k] = float(v)
+            row.update(_certificate_columns(result.info))
             if disp_dir is not None:
                 ids = s.get("ids") or (f"{2 * i:04d}", f"{2 * i + 1:04d}")
                 row["disp_file"] = str(save_l2r_disp(result.disp, disp_dir, ids[0], ids[1], fmt=disp_format))

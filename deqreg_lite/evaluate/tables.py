@@ -15,7 +15,15 @@ from .stats import is_number as _is_number
 from .stats import mean_std as _mean_std
 from .stats import wilcoxon
 
-__all__ = ["Table", "format_table", "table1", "trained_vs_best", "table2"]
+__all__ = ["Table", "format_table", "table1", "trained_vs_best", "table2", "CERTIFICATE_COLUMNS"]
+
+#: the convergence columns of DEQ methods (:func:`~.run.evaluate`): the final relative residual, converged (1/0) and
+#: the spectral-radius estimate at the returned field. :meth:`Table.summary` adds each one's worst pair
+#: (``residual_max``, ``converged_min``, ``spectral_radius_max``): the certificate holds for every pair only when
+#: the worst one passes.
+CERTIFICATE_COLUMNS = {"residual": "max", "converged": "min", "spectral_radius": "max"}
+#: columns printed in scientific notation by :meth:`Table.to_markdown` (a residual of 4e-4 is not 0.000).
+_SCIENTIFIC = ("residual",)
 
 
 def _fmt(v) -> str:
@@ -47,7 +55,8 @@ class Table:
     Attributes:
         rows: one dict per pair: ``pair`` (an id string) and numbers (``dice``, ``dice_<label>``, ``hd95``,
             ``folding_pct``, ``sdlogj``, ``sdlogj_plain``, ``tre_mm`` with keypoints, ``time_s`` the inference
-            time, and ``steps`` / ``nfe`` when the method reports them).
+            time, and ``steps`` / ``nfe`` when the method reports them; for DEQ methods ``residual`` (final relative
+            residual), ``converged`` (1.0/0.0) and, with ``evaluate(..., certificate=True)``, ``spectral_radius``).
         name: the method's name.
         info: per-method numbers: ``memory_bytes`` and ``memory_kind`` (``"saved_tensors"`` on the CPU,
             ``"cuda_peak"`` on CUDA), ``train_time_s`` (one training step of one pair), ``steps``, ``device``.
@@ -72,10 +81,17 @@ class Table:
 
     def summary(self) -> dict:
         """Mean and std (ddof=0, over finite values) of every column: ``{"n", col, f"{col}_std", ...}``, plus
-        ``memory_mb`` and ``train_time_s`` from ``info`` when measured, and ``note`` when set."""
+        ``memory_mb`` and ``train_time_s`` from ``info`` when measured, and ``note`` when set. For the
+        convergence columns (:data:`CERTIFICATE_COLUMNS`) also the worst pair: ``residual_max``,
+        ``converged_min`` (1.0: every pair converged) and ``spectral_radius_max`` (NaN where a pair's value is NaN:
+        the worst case is unknown). The mean of ``converged`` is the fraction of pairs that converged."""
         out: dict = {"n": len(self.rows)}
         for c in self.columns():
             out[c], out[f"{c}_std"] = _mean_std(self.values(c))
+        for c, worst in CERTIFICATE_COLUMNS.items():
+            if c in out:
+                vals = np.asarray(self.values(c), dtype=np.float64)
+                out[f"{c}_{worst}"] = float(vals.max() if worst == "max" else vals.min())
         if self.info.get("memory_bytes") is not None:
             out["memory_mb"] = self.info["memory_bytes"] / 2**20
         if self.info.get("train_time_s") is not None:
@@ -85,18 +101,27 @@ class Table:
         return out
 
     def to_markdown(self, columns: Sequence[str] | None = None, digits: int = 3, per_pair: bool = True) -> str:
-        """A markdown table: one line per pair (``per_pair``), then ``mean`` and ``std`` lines."""
+        """A markdown table: one line per pair (``per_pair``), then ``mean`` and ``std`` lines, and a ``worst``
+        line when a convergence column (:data:`CERTIFICATE_COLUMNS`) is shown. ``residual`` is printed in
+        scientific notation (``digits - 1`` decimals), the other columns with ``digits`` decimals."""
         if self.note and not self.rows:
             return f"| method | note |\n|---|---|\n| {self.name} | {self.note} |"
         cols = list(columns) if columns is not None else self.columns()
-        fmt = lambda v: "-" if not _is_number(v) or not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
+
+        def fmt(v, c: str) -> str:
+            if not _is_number(v) or not math.isfinite(float(v)):
+                return "-"
+            return f"{float(v):.{max(digits - 1, 0)}e}" if c in _SCIENTIFIC else f"{float(v):.{digits}f}"
         lines = ["| pair | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
         if per_pair:
             for r in self.rows:
-                lines.append(f"| {r.get('pair', '')} | " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+                lines.append(f"| {r.get('pair', '')} | " + " | ".join(fmt(r.get(c), c) for c in cols) + " |")
         s = self.summary()
-        lines.append("| **mean** | " + " | ".join(fmt(s.get(c)) for c in cols) + " |")
-        lines.append("| std | " + " | ".join(fmt(s.get(f"{c}_std")) for c in cols) + " |")
+        lines.append("| **mean** | " + " | ".join(fmt(s.get(c), c) for c in cols) + " |")
+        lines.append("| std | " + " | ".join(fmt(s.get(f"{c}_std"), c) for c in cols) + " |")
+        if any(c in CERTIFICATE_COLUMNS for c in cols):
+            worst = [fmt(s.get(f"{c}_{CERTIFICATE_COLUMNS[c]}"), c) if c in CERTIFICATE_COLUMNS else "" for c in cols]
+            lines.append("| worst | " + " | ".join(worst) + " |")
         return "\n".join(lines)
 
     def to_csv(self, path: str | None = None) -> str:
