@@ -264,3 +264,38 @@ def test_evaluate_writes_disp_files(tmp_path):
     table = ev.evaluate(identity_method, [sample], memory=False, disp_dir=tmp_path)
     assert (tmp_path / "disp_0001_0002.nii.gz").exists()
     assert table.rows[0]["disp_file"].endswith("disp_0001_0002.nii.gz")
+
+
+def test_convergence_columns_for_deq_methods(pairs):
+    from deqreg_lite.methods.deqreg import DEQReg
+    from deqreg_lite.methods.resolution import HalfResolution
+
+    seed_everything(0)
+    deq = DEQReg(2, T=4, S=0)
+    with torch.no_grad():
+        deq.net.head.weight.normal_(0, 0.05)  # a fresh DEQReg predicts ~0: make the solve do something
+    plain = ev.evaluate(deq, pairs[:2], memory=False, hd95=False)
+    for r in plain.rows:
+        assert 0 < r["residual"] < math.inf and r["converged"] in (0.0, 1.0) and "spectral_radius" not in r
+    cert = ev.evaluate(deq, pairs[:2], memory=False, hd95=False, certificate=True)
+    assert [r["dice"] for r in cert.rows] == [r["dice"] for r in plain.rows]  # the fields are unchanged
+    assert [r["residual"] for r in cert.rows] == [r["residual"] for r in plain.rows]
+    assert all(r["spectral_radius"] > 0 for r in cert.rows)
+    s = cert.summary()
+    assert s["residual_max"] == max(r["residual"] for r in cert.rows)
+    assert s["converged_min"] == min(r["converged"] for r in cert.rows)
+    assert s["spectral_radius_max"] == max(r["spectral_radius"] for r in cert.rows)
+    md = cert.to_markdown(["dice", "residual", "converged", "spectral_radius"])
+    assert "| worst |" in md and "e-0" in md.splitlines()[2]  # the residual in scientific notation
+    assert "| worst |" not in plain.to_markdown(["dice"])
+    # through HalfResolution's **options
+    half = ev.evaluate(HalfResolution(deq), pairs[0], memory=False, hd95=False, certificate=True)
+    assert "spectral_radius" in half.rows[0] and "residual" in half.rows[0]
+    # methods without the option run as before, without the columns
+    tiny = ev.evaluate(make(T=2), pairs[:1], memory=False, hd95=False, certificate=True)
+    ident = ev.evaluate(ev.identity_method, pairs[:1], hd95=False, certificate=True)
+    for t in (tiny, ident):
+        assert not {"residual", "converged", "spectral_radius"} & set(t.rows[0])
+        assert "| worst |" not in t.to_markdown()
+    with pytest.raises(ValueError, match="certificate"):
+        ev.evaluate(deq, pairs[:1], memory=False, certificate="yes")
