@@ -492,6 +492,9 @@ def spectral_radius(f: Map, z: Tensor, *, iters: int = 30, tol: float = 1e-3, wi
     So ``value`` estimates ``rho(J)``; ``settled`` says whether it stopped moving, and ``|rayleigh|`` close to
     ``value`` says that the dominant eigenvalue is real with the sign of ``rayleigh``. The estimate approaches
     ``rho`` from the dominant component of ``v_0``; a ``v_0`` with no such component is practically impossible.
+    ``settled`` judges the last steps only: when the second eigenvalue is close to the first, the estimate creeps
+    by less than ``tol`` a step and still moves (the shipped DEQReg's map on ``brain2d``: 1.0046, 1.0051 and 1.0072
+    after 20, 30 and 60 products, settled at each); more ``iters`` tell.
 
     Args:
         f: the map ``(B, ...) -> (B, ...)`` (e.g. :meth:`DEQReg.update_map <deqreg_lite.methods.deqreg.DEQReg.
