@@ -315,6 +315,7 @@ def test_riir_training_step_is_eq4_by_hand(T, pair2d):
     ``sum_t w_t L(phi_t) / sum_t w_t``: for T = 3 about 4.6x smaller (w = 1, 3.16, 10 over 14.16, no L(phi_T))."""
     fixed, moving = pair2d
     method = build("riir", T=T)
+    torch.nn.init.normal_(method.head.weight, std=0.1)  # steps that move: per-step losses that differ
     loss_fn = RegistrationLoss()
     out = method.training_step(fixed, moving, loss_fn)
     ours = [p.grad.clone() for p in method.parameters()]
@@ -323,6 +324,8 @@ def test_riir_training_step_is_eq4_by_hand(T, pair2d):
     assert len(phis) == T
     w = [10.0 ** ((t - 1) / (T - 1)) if T > 1 else 1.0 for t in range(1, T + 1)]
     losses = [loss_fn(fixed, moving, p) for p in phis]
+    if T > 1:  # so that a wrong weighting (reversed, uniform) would show
+        assert max(abs(float(a.detach() - b.detach())) for a, b in zip(losses, losses[1:])) > 1e-3
     by_hand = losses[-1] + sum(wt * lt for wt, lt in zip(w, losses))
     assert out["loss"] == pytest.approx(float(by_hand.detach()), rel=1e-6)
     assert out["loss_final"] == pytest.approx(float(losses[-1].detach()), rel=1e-6)
