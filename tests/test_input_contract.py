@@ -16,7 +16,8 @@ from deqreg_lite.methods import METHODS, RegistrationLoss, build_method
 from deqreg_lite.metrics import folding_percent, hd95, max_distance, sd_log_jacobian, tre
 from deqreg_lite.pretrained import HalfResolution
 
-SMALL = {"voxelmorph": {}, "unrolling": {"T": 2}, "gradirn": {"levels": 2, "steps_per_level": 2},
+SMALL = {"voxelmorph": {}, "unrolling": {"T": 2}, "unrolling_ml": {"levels": 2, "steps_per_level": 2},
+         "gradirn": {"levels": 2, "steps_per_level": 2},
          "riir": {"T": 2}, "deqreg": {"T": 3, "S": 1}, "deqreg12": {"T": 2}}
 
 

@@ -67,13 +67,15 @@ def test_a_constructor_with_star_args_is_refused_when_the_class_is_defined():
 LEGACY = {
     "voxelmorph": {"ndim": 2},
     "unrolling": {"ndim": 2, "T": 3},
+    "unrolling_ml": {"ndim": 2, "levels": 3, "steps_per_level": 3},
     "gradirn": {"ndim": 2, "levels": 3, "steps_per_level": 3, "eta_init": 1.0},
     "riir": {"ndim": 2, "T": 6, "hidden": 16, "use_grad": True},
     "deqreg": {"ndim": 2, "T": 48, "S": 3, "gamma": 0.5, "K": 3, "tau": 0.5, "solver": "fixed_point", "tol": 1e-3},
     "deqreg12": {"ndim": 2, "T": 12, "S": 0, "gamma": 0.5, "K": 3, "tau": 0.5, "solver": "fixed_point",
                  "tol": 1e-3},
 }
-OPTIONS = {"voxelmorph": {}, "unrolling": {"T": 5}, "gradirn": {"levels": 2, "steps_per_level": 2, "eta_init": 0.5},
+OPTIONS = {"voxelmorph": {}, "unrolling": {"T": 5}, "unrolling_ml": {"levels": 2, "steps_per_level": 4},
+           "gradirn": {"levels": 2, "steps_per_level": 2, "eta_init": 0.5},
            "riir": {"T": 4, "hidden": 8, "use_grad": False},
            "deqreg": {"T": 10, "S": 2, "gamma": 1, "K": 2, "tau": 0.25, "solver": "anderson", "tol": 1e-4},
            "deqreg12": {"T": 6, "tol": 0}}
@@ -166,7 +168,7 @@ def test_a_newer_format_version_is_refused_by_name(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # steps=None is the trained number of steps
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["voxelmorph", "unrolling", "gradirn", "riir"])
+@pytest.mark.parametrize("name", ["voxelmorph", "unrolling", "unrolling_ml", "gradirn", "riir"])
 def test_steps_none_equals_the_trained_steps(name):
     torch.manual_seed(0)
     method = build_method(name, 2).eval()

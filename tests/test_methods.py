@@ -14,8 +14,9 @@ from deqreg_lite.result import RegistrationResult
 from deqreg_lite.warp import warp
 
 # small trained-step counts: these tests are about mechanics, not quality
-SMALL = {"voxelmorph": {}, "unrolling": {"T": 2}, "gradirn": {"levels": 2, "steps_per_level": 2},
-         "riir": {"T": 2}, "deqreg": {"T": 4, "S": 1}, "deqreg12": {"T": 3}}
+SMALL = {"voxelmorph": {}, "unrolling": {"T": 2}, "unrolling_ml": {"levels": 2, "steps_per_level": 2},
+         "gradirn": {"levels": 2, "steps_per_level": 2}, "riir": {"T": 2}, "deqreg": {"T": 4, "S": 1},
+         "deqreg12": {"T": 3}}
 ITERATIVE = [n for n in METHODS if n != "voxelmorph"]
 
 
@@ -69,7 +70,7 @@ def test_steps_at_test_time(name, steps, pair2d):
     assert torch.equal(res.states[-1], res.disp)  # the result after exactly `steps` steps
 
 
-@pytest.mark.parametrize("name", ["voxelmorph", "deqreg", "unrolling", "gradirn", "riir"])
+@pytest.mark.parametrize("name", ["voxelmorph", "deqreg", "unrolling", "unrolling_ml", "gradirn", "riir"])
 def test_forward_3d(name, pair3d):
     fixed, moving = pair3d
     method = build(name, ndim=3)
@@ -190,7 +191,7 @@ def test_scaled_backward_scales_gradients(pair2d):
     assert torch.allclose(grads[1], 4 * grads[0], rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["voxelmorph", "unrolling"])
+@pytest.mark.parametrize("name", ["voxelmorph", "unrolling", "unrolling_ml"])
 def test_a_few_adamw_steps_lower_the_loss(name, pair2d):
     fixed, moving = pair2d
     method = build(name)
@@ -297,6 +298,39 @@ def test_registration_loss(pair2d):
     assert zero.grad.abs().sum() > 0
 
 
-def test_riir_weights():
+def test_riir_weights_are_the_papers_unnormalised_w_t():
+    """Eq. 4's ``w_t = 10**((t-1)/(T-1))`` as the paper gives them, from 1 to 10 (they used to be normalised to sum
+    to 1)."""
     w = riir_weights(6)
-    assert sum(w) == pytest.approx(1.0) and w[-1] / w[0] == pytest.approx(10.0) and riir_weights(1) == [1.0]
+    assert w == pytest.approx([10 ** (k / 5) for k in range(6)]) and w[0] == 1.0 and w[-1] == pytest.approx(10.0)
+    assert sum(w) == pytest.approx(25.3874, rel=1e-4) and riir_weights(1) == [1.0]
+    with pytest.raises(ValueError, match="T"):
+        riir_weights(0)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_riir_training_step_is_eq4_by_hand(T, pair2d):
+    """``training_step``'s loss is ``L(phi_T) + sum_t w_t L(phi_t)``, recomputed here from the states of a forward
+    pass (same weights, same pair), and its gradients are that scalar's. Before issue 10 it was
+    ``sum_t w_t L(phi_t) / sum_t w_t``: for T = 3 about 4.6x smaller (w = 1, 3.16, 10 over 14.16, no L(phi_T))."""
+    fixed, moving = pair2d
+    method = build("riir", T=T)
+    torch.nn.init.normal_(method.head.weight, std=0.1)  # steps that move: per-step losses that differ
+    loss_fn = RegistrationLoss()
+    out = method.training_step(fixed, moving, loss_fn)
+    ours = [p.grad.clone() for p in method.parameters()]
+    method.zero_grad()
+    _, phis, _ = method._iterate(fixed, moving, T, keep=True)  # phi_1 .. phi_T with their graph
+    assert len(phis) == T
+    w = [10.0 ** ((t - 1) / (T - 1)) if T > 1 else 1.0 for t in range(1, T + 1)]
+    losses = [loss_fn(fixed, moving, p) for p in phis]
+    if T > 1:  # so that a wrong weighting (reversed, uniform) would show
+        assert max(abs(float(a.detach() - b.detach())) for a, b in zip(losses, losses[1:])) > 1e-3
+    by_hand = losses[-1] + sum(wt * lt for wt, lt in zip(w, losses))
+    assert out["loss"] == pytest.approx(float(by_hand.detach()), rel=1e-6)
+    assert out["loss_final"] == pytest.approx(float(losses[-1].detach()), rel=1e-6)
+    by_hand.backward()
+    for a, p in zip(ours, method.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-5, atol=1e-12 + 1e-5 * float(p.grad.abs().max()))
+    old_loss = sum(wt * float(lt.detach()) for wt, lt in zip(w, losses)) / sum(w)
+    assert out["loss"] > 1.9 * old_loss  # the old normalised sum is not what is computed

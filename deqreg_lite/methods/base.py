@@ -17,22 +17,24 @@ What ``steps`` means, for every method
 ``steps=None`` **is the trained number of steps** (:attr:`RegistrationMethod.trained_steps`) and gives exactly what
 the method computed in training; ``steps=t`` runs ``t`` steps (any ``t >= 1``, far beyond the trained count too).
 
-==========  ===============  ======================================================================================
-method      trained_steps    ``steps=None`` / ``steps=t``
-==========  ===============  ======================================================================================
-voxelmorph  1                one network call; only ``None`` or ``1`` are accepted (``ValueError`` otherwise)
-unrolling   ``T`` (3)        ``T`` / ``t`` residual updates from zero, the last one returned
-riir        ``T`` (6)        ``T`` / ``t`` ConvGRU updates from zero, the last one returned
-gradirn     steps_per_level  ``steps_per_level`` / ``t`` steps at the finest level (coarser levels always run
-            (3)              ``steps_per_level``), the last one returned
-deqreg      ``T`` (48)       the trained solve: at most ``T`` solver steps, stopping at the relative tolerance
-                             ``tol`` (1e-3), the **lowest-residual** iterate returned (``policy="lowest"``) /
-                             exactly ``t`` steps with ``tol=0``, the **last** iterate (``policy="last"``). Both
-                             are the same call, ``forward(steps=n, tol=..., policy=...)``: ``steps=None`` is
-                             ``steps=T, tol=method.tol, policy="lowest"``; an explicit ``steps=t`` defaults to
-                             ``tol=0, policy="last"``; pass ``tol=`` / ``policy=`` to choose otherwise
-deqreg12    ``T`` (12)       as deqreg
-==========  ===============  ======================================================================================
+============  ===============  ======================================================================================
+method        trained_steps    ``steps=None`` / ``steps=t``
+============  ===============  ======================================================================================
+voxelmorph    1                one network call; only ``None`` or ``1`` are accepted (``ValueError`` otherwise)
+unrolling     ``T`` (3)        ``T`` / ``t`` residual updates from zero, the last one returned
+riir          ``T`` (6)        ``T`` / ``t`` ConvGRU updates from zero, the last one returned
+gradirn       steps_per_level  ``steps_per_level`` / ``t`` steps at the finest level (coarser levels always run
+              (3)              ``steps_per_level``), the last one returned
+unrolling_ml  steps_per_level  as gradirn (the paper's Unrolling: GraDIRN without similarity gradients)
+              (3)
+deqreg        ``T`` (48)       the trained solve: at most ``T`` solver steps, stopping at the relative tolerance
+                               ``tol`` (1e-3), the **lowest-residual** iterate returned (``policy="lowest"``) /
+                               exactly ``t`` steps with ``tol=0``, the **last** iterate (``policy="last"``). Both
+                               are the same call, ``forward(steps=n, tol=..., policy=...)``: ``steps=None`` is
+                               ``steps=T, tol=method.tol, policy="lowest"``; an explicit ``steps=t`` defaults to
+                               ``tol=0, policy="last"``; pass ``tol=`` / ``policy=`` to choose otherwise
+deqreg12      ``T`` (12)       as deqreg
+============  ===============  ======================================================================================
 
 So ``method(f, m)`` equals ``method(f, m, steps=method.trained_steps)`` for every method but the DEQs, where it
 equals ``method(f, m, steps=method.T, tol=method.tol, policy="lowest")``.

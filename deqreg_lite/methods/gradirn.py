@@ -28,6 +28,18 @@ Design choices (documented because the paper leaves them open):
   ``residuals`` cover the highest level only (``info.extras["coarse_residuals"]`` holds the others); ``nfe`` counts every
   network call.
 * Loss on the final output only (``w_t = 0`` in Eq. 4), BPTT through all ``levels * steps_per_level`` steps.
+
+**The paper's Unrolling baseline** is this method without the similarity gradient (its Fig. 1 and convergence
+analysis: "the vanilla version of GraDIRN without incorporating similarity gradients", 3 levels x 3 steps, steps
+varied at the finest level): :class:`MultiLevelUnrolling`, registered as ``"unrolling_ml"``. Each of its steps at
+level ``l`` is Eq. 3 at that level::
+
+    phi <- phi + CNN_l([If, Im o phi, phi])                   # no g, no eta_l: U-Net with 2 + ndim inputs
+
+with the same levels, resampling, weight tying, ``steps`` / states / ``info`` and BPTT training as GraDIRN. The
+switch is the class attribute :attr:`GraDIRN.use_grad` (``True`` here, ``False`` in the subclass), not a constructor
+option, so that one configuration has one name: a ``"gradirn"`` model always has the gradient step, and its config
+and checkpoints are unchanged.
 """
 from __future__ import annotations
 
@@ -43,9 +55,9 @@ from ..result import MethodInfo, RegistrationResult
 from ..warp import resize_disp, warp
 from .base import Backward, LossFn, RegistrationMethod
 from ._common import (check_count, downsample, iterate_forward, last_field_training_step, rel_residual,
-                      similarity_grad, unet_apply)
+                      residual_step, similarity_grad, unet_apply)
 
-__all__ = ["GraDIRN"]
+__all__ = ["GraDIRN", "MultiLevelUnrolling"]
 
 
 class GraDIRN(RegistrationMethod):
@@ -56,25 +68,32 @@ class GraDIRN(RegistrationMethod):
         levels: resolution levels (factors ``2**(levels-1) .. 1``); the paper: 3.
         steps_per_level: steps at every level during training; the paper: 3.
         eta_init: initial step size of the gradient term, in voxels of each level.
+
+    Attributes:
+        use_grad: whether the steps use the similarity gradient (input ``g`` and step ``- eta_l g``): ``True`` for
+            GraDIRN, ``False`` for :class:`MultiLevelUnrolling` (a class attribute: it names the method).
     """
 
     name = "gradirn"
+    use_grad: bool = True
 
     def __init__(self, ndim: int, levels: int = 3, steps_per_level: int = 3, eta_init: float = 1.0) -> None:
         super().__init__(ndim)
         self.levels = check_count(levels, "levels")
         self.steps_per_level = self.trained_steps = check_count(steps_per_level, "steps_per_level")
-        if not 0 < eta_init < math.inf:
-            raise ValueError(f"eta_init must be a positive number, got {eta_init!r}")
-        self.eta_init = float(eta_init)
-        self.nets = nn.ModuleList(UNet(ndim, 2 + 2 * ndim, ndim) for _ in range(levels))
-        rho = math.log(math.expm1(self.eta_init))  # softplus^-1
-        self.rho = nn.Parameter(torch.full((levels,), rho))
+        inputs = 2 + ndim + (ndim if self.use_grad else 0)  # [If, Im o phi, phi(, g)]
+        self.nets = nn.ModuleList(UNet(ndim, inputs, ndim) for _ in range(levels))
+        if self.use_grad:
+            if not 0 < eta_init < math.inf:
+                raise ValueError(f"eta_init must be a positive number, got {eta_init!r}")
+            self.eta_init = float(eta_init)
+            rho = math.log(math.expm1(self.eta_init))  # softplus^-1
+            self.rho = nn.Parameter(torch.full((levels,), rho))
 
     @property
-    def eta(self) -> Tensor:
-        """The per-level step sizes ``(levels,)``, in voxels of each level."""
-        return F.softplus(self.rho)
+    def eta(self) -> Optional[Tensor]:
+        """The per-level step sizes ``(levels,)``, in voxels of each level (``None`` without the gradient step)."""
+        return F.softplus(self.rho) if self.use_grad else None
 
     def _iterate(self, fixed: Tensor, moving: Tensor, steps: int,
                  keep: bool) -> tuple[Tensor, list[Tensor], MethodInfo]:
@@ -94,9 +113,12 @@ class GraDIRN(RegistrationMethod):
             top = level == self.levels - 1
             trace: list[float] = []
             for _ in range(steps if top else self.steps_per_level):
-                g = similarity_grad(f_l, m_l, phi)
-                update = unet_apply(self.nets[level], torch.cat([f_l, warp(m_l, phi), phi, g], dim=1))
-                new = phi + update - eta[level] * g
+                if eta is not None:
+                    g = similarity_grad(f_l, m_l, phi)
+                    update = unet_apply(self.nets[level], torch.cat([f_l, warp(m_l, phi), phi, g], dim=1))
+                    new = phi + update - eta[level] * g
+                else:  # Eq. 3 at this level
+                    new = residual_step(self.nets[level], f_l, m_l, phi)
                 trace.append(rel_residual(new, phi))
                 phi = new
                 if keep and top:
@@ -116,7 +138,41 @@ class GraDIRN(RegistrationMethod):
 
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:
-        """BPTT through every level's steps, loss on the final full-resolution field only."""
+        """BPTT through every level's steps (``levels * steps_per_level`` network calls), loss on the final
+        full-resolution field only; returns ``loss``, ``steps``, ``nfe``, ``residual`` and, with the gradient step,
+        ``eta0 .. eta{levels-1}``."""
         out = last_field_training_step(self, fixed, moving, loss_fn, backward, self.steps_per_level)
-        out.update({f"eta{l}": float(e) for l, e in enumerate(self.eta.detach())})
+        eta = self.eta
+        if eta is not None:
+            out.update({f"eta{l}": float(e) for l, e in enumerate(eta.detach())})
         return out
+
+
+class MultiLevelUnrolling(GraDIRN):
+    """The paper's **Unrolling** baseline: GraDIRN without the similarity gradient (module docstring).
+
+    ``phi <- phi + CNN_l([If, Im o phi, phi])`` (Eq. 3 per level), ``levels`` levels (1/4, 1/2, 1 by default) of
+    ``steps_per_level`` weight-tied steps each, one U-Net (``2 + ndim`` inputs, VoxelMorph configuration) per level;
+    the field is upsampled between levels. ``steps`` at test time sets the steps at the finest level (the paper's
+    Fig. 1 and Fig. 3 vary those), coarser levels always run ``steps_per_level``; ``trained_steps`` is
+    ``steps_per_level``. States, ``state_steps`` and ``info["residuals"]`` cover the finest level,
+    ``info.extras["coarse_residuals"]`` the others, ``nfe`` counts every network call. Trained by BPTT through all
+    ``levels * steps_per_level`` steps, loss on the final field only (``w_t = 0`` in Eq. 4); memory grows linearly
+    with ``steps_per_level``.
+
+    Naming: registered as ``"unrolling_ml"`` (multi-level unrolling). The name ``"unrolling"`` still belongs to
+    :class:`~deqreg_lite.methods.unrolling.Unrolling`, a single-level ``T = 3`` model that is kept as an extra
+    because the shipped checkpoint ``data/checkpoints/unrolling.pt`` holds one; the names are to be swapped when the
+    checkpoints are retrained, not before.
+
+    Args:
+        ndim: 2 or 3.
+        levels: resolution levels (factors ``2**(levels-1) .. 1``); the paper: 3.
+        steps_per_level: steps at every level during training; the paper: 3.
+    """
+
+    name = "unrolling_ml"
+    use_grad = False
+
+    def __init__(self, ndim: int, levels: int = 3, steps_per_level: int = 3) -> None:
+        super().__init__(ndim, levels=levels, steps_per_level=steps_per_level)

@@ -13,9 +13,16 @@ Design choices:
   (:func:`~deqreg_lite.methods._common.similarity_grad`: central-difference image gradient, strong LNCC variance
   floor), without a graph and normalised by its max-abs per sample; ``use_grad=False`` gives the plain
   ``[If, Im o phi, phi]`` input of the other iterative methods.
-* **Loss** (Eq. 4): ``sum_t w_t L(phi_t) / sum_t w_t`` with ``w_t = 10**((t-1)/(T-1))`` (``w = 1`` for ``T = 1``).
-  The weights are **normalised to sum to 1**, so the reported loss is a weighted mean of per-step losses, on the
-  same scale as the other methods' (the learning rate means the same). Trained by BPTT through ``T`` steps.
+* **Loss** (Eq. 4 with the paper's RIIR weights)::
+
+      L_total = L(phi_T) + sum_{t=1..T} w_t L(phi_t),     w_t = 10**((t-1)/(T-1))   (w_1 = 1 for T = 1)
+
+  The weights are **not normalised** and the final term is there twice (once alone, once with ``w_T = 10``), as
+  in the equation: for ``T = 6`` the weights on ``L(phi_1) .. L(phi_6)`` are 1, 1.58, 2.51, 3.98, 6.31 and 11
+  (26.4 in all), so the reported ``loss`` is about 26 times a per-step loss, and its gradient too (AdamW's steps
+  are nearly invariant to that scale; a ``grad_clip`` threshold is not). Trained by BPTT through ``T`` steps.
+  (Before issue 10 the loss was ``sum_t w_t L(phi_t) / sum_t w_t``: no separate ``L(phi_T)`` and normalised weights;
+  the shipped ``riir.pt`` was trained with that loss.)
 * The ConvGRU runs at full resolution, ``hidden`` channels (16), 3x3 gates.
 """
 from __future__ import annotations
@@ -33,10 +40,10 @@ __all__ = ["RIIR", "ConvGRU", "riir_weights"]
 
 
 def riir_weights(T: int) -> list[float]:
-    """Eq. 4's ``w_t = 10**((t-1)/(T-1))``, ``t = 1..T``, normalised to sum to 1."""
-    w = [10.0 ** ((t - 1) / (T - 1)) if T > 1 else 1.0 for t in range(1, T + 1)]
-    s = sum(w)
-    return [x / s for x in w]
+    """The paper's RIIR weights of Eq. 4, ``w_t = 10**((t-1)/(T-1))`` for ``t = 1..T`` (from 1 to 10; ``[1.0]`` for
+    ``T = 1``), **not normalised**. The loss is ``L(phi_T) + sum_t w_t L(phi_t)`` (:meth:`RIIR.training_step`)."""
+    T = check_count(T, "T")
+    return [10.0 ** ((t - 1) / (T - 1)) if T > 1 else 1.0 for t in range(1, T + 1)]
 
 
 class ConvGRU(nn.Module):
@@ -97,11 +104,15 @@ class RIIR(RecurrentMethod):
 
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:
-        """BPTT through ``T`` steps with the normalised Eq. 4 weights on every step's loss."""
+        """BPTT through ``T`` steps on Eq. 4, ``L(phi_T) + sum_{t=1..T} w_t L(phi_t)`` with
+        ``w_t = 10**((t-1)/(T-1))`` (:func:`riir_weights`, not normalised), one ``backward`` call.
+
+        Returns ``loss`` (that total), ``loss_final`` (``L(phi_T)``), ``steps``, ``nfe`` and ``residual`` (the last
+        step's relative update)."""
         check_pair(fixed, moving, self.ndim, model=self)
         _, phis, info = self._iterate(fixed, moving, self.T, keep=True)
         losses = [loss_fn(fixed, moving, p) for p in phis]
-        loss = sum(w * l for w, l in zip(riir_weights(self.T), losses))
+        loss = losses[-1] + sum(w * l for w, l in zip(riir_weights(self.T), losses))
         backward(loss)
         return {"loss": float(loss.detach()), "loss_final": float(losses[-1].detach()), "steps": float(self.T),
                 "nfe": float(info.nfe), "residual": info.residuals[-1]}

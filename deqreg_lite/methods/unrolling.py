@@ -1,4 +1,10 @@
-"""Vanilla unrolling (Eq. 3): weight-tied residual updates trained by backpropagation through time."""
+"""Vanilla unrolling (Eq. 3) at one resolution: weight-tied residual updates trained by backpropagation through time.
+
+:class:`Unrolling` (``"unrolling"``) is a **single-level** ``T = 3`` model, an extra of this package kept because the
+shipped checkpoint ``data/checkpoints/unrolling.pt`` holds one. The paper's Unrolling baseline is multi-level
+(GraDIRN without similarity gradients, 3 levels x 3 steps):
+:class:`~deqreg_lite.methods.gradirn.MultiLevelUnrolling` (``"unrolling_ml"``).
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -54,9 +60,12 @@ class RecurrentMethod(RegistrationMethod):
 
 class Unrolling(RecurrentMethod):
     """``phi_{t+1} = phi_t + f_theta([If, Im o phi_t, phi_t])``, ``phi_0 = 0`` (Eq. 3), one U-Net (``2 + ndim``
-    inputs) shared by every step. Trained by BPTT through ``T`` steps with the loss on the last step only
-    (``w_t = 0`` in Eq. 4); memory grows linearly with ``T``. At test time ``steps`` may be any count >= 1;
-    ``info`` and the states are :class:`RecurrentMethod`'s.
+    inputs) shared by every step, at the input resolution only. Trained by BPTT through ``T`` steps with the loss on
+    the last step only (``w_t = 0`` in Eq. 4); memory grows linearly with ``T``. At test time ``steps`` may be any
+    count >= 1; ``info`` and the states are :class:`RecurrentMethod`'s.
+
+    A single-level extra, not the paper's Unrolling baseline, which is multi-level:
+    :class:`~deqreg_lite.methods.gradirn.MultiLevelUnrolling` (``"unrolling_ml"``).
     """
 
     name = "unrolling"
