@@ -194,6 +194,7 @@ def plain_convs():
 
 
 SMALL = {"voxelmorph": {}, "unrolling": {"T": 2}, "gradirn": {"levels": 2, "steps_per_level": 2},
+         "unrolling_ml": {"levels": 2, "steps_per_level": 2},
          "riir": {"T": 2}, "deqreg": {"T": 6, "S": 1}, "deqreg12": {"T": 4}}
 
 
