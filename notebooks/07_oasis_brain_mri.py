@@ -70,7 +70,7 @@ from deqreg_lite.warp import compose, resize_disp
 seed_everything(0)
 torch.set_num_threads(1)  # small 3D problems run as fast on one thread, and stay fast on a busy machine
 if "PLOTLY_RENDERER" not in os.environ and "google.colab" not in sys.modules:
-    pio.renderers.default = "notebook_connected"  # JupyterLab / classic notebook; CI sets PLOTLY_RENDERER=json
+    pio.renderers.default = "notebook"  # embeds plotly.js, so it draws offline; CI sets PLOTLY_RENDERER=json
 # Quick mode changes sizes and counts only, never the code path.
 SIZE = by_mode(quick=48, default=96)            # working grid of the shipped sample (it is stored at 96^3)
 OASIS_SIZE = by_mode(quick=(64, 64, 64), default=(128, 128, 128))  # the paper resamples OASIS to 128^3

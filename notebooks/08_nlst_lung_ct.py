@@ -70,7 +70,7 @@ from deqreg_lite.warp import warp
 seed_everything(0)
 torch.set_num_threads(1)  # small 3D problems run as fast on one thread, and stay fast on a busy machine
 if "PLOTLY_RENDERER" not in os.environ and "google.colab" not in sys.modules:
-    pio.renderers.default = "notebook_connected"  # JupyterLab / classic notebook; CI sets PLOTLY_RENDERER=json
+    pio.renderers.default = "notebook"  # embeds plotly.js, so it draws offline; CI sets PLOTLY_RENDERER=json
 # Quick mode changes sizes and counts only, never the code path.
 SIZE = by_mode(quick=48, default=96)                  # working grid of the shipped sample (stored at 96^3)
 NLST_SIZE = by_mode(quick=(112, 96, 112), default=(112, 96, 112), full=(224, 192, 224))  # NLST is 224x192x224

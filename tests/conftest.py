@@ -27,3 +27,22 @@ def smooth_image(shape, gen, batch=1):
     x = torch.rand(batch, 1, *shape, generator=gen, dtype=torch.float64)
     pool = torch.nn.functional.avg_pool2d if ndim == 2 else torch.nn.functional.avg_pool3d
     return pool(x, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def pair2d():
+    """A small synthetic 2D pair ``(fixed, moving)``, each ``(1, 1, 32, 32)``."""
+    from deqreg_lite.datasets.synthetic import synthetic_pair
+
+    p = synthetic_pair((32, 32), seed=1, strength=1.5)
+    return p["fixed"], p["moving"]
+
+
+@pytest.fixture(scope="module")
+def pair3d():
+    """A small synthetic 3D pair ``(fixed, moving)``, each ``(1, 1, 16, 16, 16)``."""
+    from deqreg_lite.datasets.synthetic import synthetic_pair
+
+    p = synthetic_pair((16, 16, 16), seed=2, strength=1.0)
+    return p["fixed"], p["moving"]
+

@@ -20,18 +20,6 @@ SMALL = {"voxelmorph": {}, "unrolling": {"T": 2}, "unrolling_ml": {"levels": 2, 
 ITERATIVE = [n for n in METHODS if n != "voxelmorph"]
 
 
-@pytest.fixture(scope="module")
-def pair2d():
-    p = synthetic_pair((32, 32), seed=1, strength=1.5)
-    return p["fixed"], p["moving"]
-
-
-@pytest.fixture(scope="module")
-def pair3d():
-    p = synthetic_pair((16, 16, 16), seed=2, strength=1.0)
-    return p["fixed"], p["moving"]
-
-
 def build(name, ndim=2, seed=0, **kwargs):
     torch.manual_seed(seed)
     return build_method(name, ndim, **{**SMALL[name], **kwargs})
