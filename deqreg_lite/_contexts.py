@@ -2,7 +2,8 @@
 
 * :func:`isolated_rng` - run a block without changing any global RNG state (torch CPU, CUDA, NumPy, Python);
 * :func:`module_mode` / :func:`eval_mode` - run a block with a module in train or eval mode, then put back the
-  mode it had.
+  mode it had;
+* :func:`sync` - wait for a CUDA device's queued work, so that a wall-clock time covers it (nothing on the CPU).
 """
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["isolated_rng", "module_mode", "eval_mode"]
+__all__ = ["isolated_rng", "module_mode", "eval_mode", "sync"]
+
+
+def sync(device: torch.device | None) -> None:
+    """Wait for the CUDA device's queued work (for timing); nothing on the CPU or for ``None``."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager

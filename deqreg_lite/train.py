@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import NonFiniteError, check_int
-from ._contexts import eval_mode, isolated_rng
+from ._contexts import eval_mode, isolated_rng, sync
 from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _method_config, get_rng_state,  # noqa: F401
                           load_checkpoint, remove_stale_temps, save_checkpoint, set_rng_state, upgrade_checkpoint)
 from .config import default_device, seed_everything
@@ -197,13 +197,11 @@ def validate_pairs(method: nn.Module, val_data: Any, steps: int | None = None) -
         fixed, moving = s["fixed"], s["moving"]
         if dev is not None:
             fixed, moving = fixed.to(dev), moving.to(dev)
-        if dev is not None and dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)
         t0 = time.perf_counter()
         with torch.no_grad():
             result = method(fixed, moving, **kwargs)
-        if dev is not None and dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)
         rows.append({**pair_metrics(s, result.disp, with_hd95=False), "time_s": time.perf_counter() - t0})
     out: dict = {"n": len(rows)}
     for key in dict.fromkeys(k for r in rows for k in r):

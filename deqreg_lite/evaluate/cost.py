@@ -8,16 +8,10 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from .._contexts import isolated_rng, module_mode
+from .._contexts import isolated_rng, module_mode, sync
 from ..memory import SavedBytes
 
 __all__ = ["training_memory", "training_cost", "sync"]
-
-
-def sync(device: torch.device | None) -> None:
-    """Wait for the CUDA device's queued work (for timing); nothing on the CPU or ``None``."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_image, check_image_dtype, check_int, check_unit_range
+from .._contexts import sync
 from ..losses import LossFn, lncc
 from ..nets import UNet
 from ..result import RegistrationResult
@@ -144,12 +145,11 @@ class Clock:
     """Wall-clock seconds, synchronising CUDA when the tensors live there."""
 
     def __init__(self, x: Tensor) -> None:
-        self.cuda = x.is_cuda
+        self.device = x.device
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
+        sync(self.device)
         return time.perf_counter() - self.start
 
 

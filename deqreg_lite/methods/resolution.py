@@ -5,7 +5,6 @@ The shipped pretrained models were trained at 80 x 96 and take 160 x 192 images 
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Optional, Sequence
 
 from torch import Tensor
@@ -13,7 +12,7 @@ from torch import Tensor
 from ..result import RegistrationResult
 from ..warp import resize_disp, resize_image
 from .base import Backward, LossFn, RegistrationMethod
-from ._common import check_pair
+from ._common import Clock, check_pair
 
 __all__ = ["HalfResolution"]
 
@@ -77,7 +76,7 @@ class HalfResolution(RegistrationMethod):
         """Register ``moving`` to ``fixed`` (``(B, 1, *spatial)``) at ``1 / factor`` resolution; the fields come
         back at the input size. ``options`` go to the wrapped method's ``forward`` (``TypeError`` there for one it
         does not take)."""
-        t0 = time.perf_counter()
+        clock = Clock(fixed)
         spatial = tuple(fixed.shape[2:])
         f, m = self.downsample(fixed, moving)
         res = self.method(f, m, steps=steps, return_states=return_states, **options)
@@ -87,7 +86,7 @@ class HalfResolution(RegistrationMethod):
         return RegistrationResult(disp=resize_disp(res.disp, spatial),
                                   states=[resize_disp(s, spatial) for s in res.states],
                                   state_steps=list(res.state_steps), trace=dict(res.trace), info=info,
-                                  time=time.perf_counter() - t0)
+                                  time=clock.elapsed())
 
     def training_step(self, fixed: Tensor, moving: Tensor, loss_fn: LossFn,
                       backward: Backward = Tensor.backward) -> dict[str, float]:
