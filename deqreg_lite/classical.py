@@ -5,7 +5,6 @@ Two step rules: Adam (the default; an adaptive ``eta_t``), and plain gradient de
 """
 from __future__ import annotations
 
-import math
 import numbers
 import time
 import warnings
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_disp, check_image, check_int, check_options, check_same_spatial
 from .config import default_device
-from .losses import Objective
+from .losses import Objective, check_lam
 from .result import RegistrationResult
 from .warp import resize_disp, resize_image
 
@@ -107,10 +106,7 @@ def register(fixed: Tensor, moving: Tensor, *, lam: float = 1.0, iterations: int
         raise ValueError(f"every spatial axis needs at least 2 voxels (a displacement along a 1-voxel axis has no "
                          f"gradient to follow); got images of shape {tuple(fixed.shape)}. For a 2D slice of a "
                          f"volume, drop the 1-voxel axis: pass (B, C, H, W)")
-    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"lam must be a number (the weight of the diffusion regulariser), got {type(lam).__name__}")
-    if not 0 <= lam < math.inf:
-        raise ValueError(f"lam must be a finite number >= 0 (the weight of the diffusion regulariser), got {lam!r}")
+    lam = check_lam(lam)
     levels = check_int(levels, "levels", 1)
     one = isinstance(iterations, numbers.Integral) and not isinstance(iterations, bool)
     hint = f" (one count, or {levels} of them: one per level)"

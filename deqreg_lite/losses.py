@@ -13,6 +13,7 @@ term over label maps (:meth:`Objective.with_segs`).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -21,7 +22,17 @@ from torch import Tensor, nn
 from ._checks import check_disp, check_image, check_options, check_same_spatial
 from .warp import warp
 
-__all__ = ["box_mean", "lncc", "mse", "diffusion", "soft_dice", "Objective", "Terms", "LossFn", "LNCC", "Diffusion",
+
+def check_lam(lam: float) -> float:
+    """The regulariser weight λ as a float: ``TypeError`` unless a real number (not a bool), ``ValueError`` unless
+    finite and >= 0 (an infinite λ makes every energy NaN or inf)."""
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+        raise TypeError(f"lam must be a number (the weight of the diffusion regulariser), got {type(lam).__name__}")
+    if not 0 <= lam < math.inf:
+        raise ValueError(f"lam must be a finite number >= 0 (the weight of the diffusion regulariser), got {lam!r}")
+    return float(lam)
+
+__all__ = ["check_lam", "box_mean", "lncc", "mse", "diffusion", "soft_dice", "Objective", "Terms", "LossFn", "LNCC", "Diffusion",
            "LNCC_EPS"]
 
 #: default variance floor of :func:`lncc`, relative to each image's global variance.
@@ -249,8 +260,7 @@ class Objective:
             self._reg = regulariser
         else:
             raise TypeError(f"regulariser must be 'diffusion' or a callable, got {type(regulariser).__name__}")
-        if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam!r}")
+        lam = check_lam(lam)
         if isinstance(win, bool) or not isinstance(win, int) or win < 1 or win % 2 == 0:
             raise ValueError(f"win must be a positive odd integer, got {win!r}")
         if not dice_weight >= 0:
