@@ -183,7 +183,7 @@ class DEQ(nn.Module):
 
     Args:
         solver: forward solver, ``"fixed_point"``, ``"anderson"`` or ``"broyden"`` (``"bptt"`` needs
-            ``"fixed_point"``). It runs undamped; ``tau`` is the phantom gradient's damping.
+            ``"fixed_point"``). It runs undamped unless ``solver_tau < 1``; ``tau`` is the phantom gradient's damping.
         max_iter: most solver steps ``T`` (the paper: 48).
         tol: relative tolerance of the forward solve.
         grad: ``"phantom"``, ``"ift"`` or ``"bptt"`` (see the module docstring).
@@ -191,6 +191,10 @@ class DEQ(nn.Module):
         tau: phantom-gradient damping in ``(0, 1]`` (the paper: ``(0, 1)``, value not given; torchdeq's
             default is 1).
         n_states: number ``S`` of sampled trajectory states for Eq. 9 (0: none).
+        solver_tau: damping of the forward solve in ``(0, 1]``: the solver iterates
+            ``z <- solver_tau * f(z) + (1 - solver_tau) * z`` (``"fixed_point"``, ``"anderson"``; ``"broyden"`` takes
+            only 1). The fixed points are those of ``f``; ``solver_tau = tau`` makes the solve iterate the same damped
+            map that the phantom gradient unrolls.
         lazy_states: return the states as :class:`LazyState` (memory-lean, with :func:`correction_backward`).
         backend: ``"lite"`` (this module) or ``"torchdeq"`` (torchdeq 0.1.0, for cross-checks).
         ift_tol, ift_max_iter: relative tolerance and step limit of the IFT backward solve.
@@ -201,7 +205,8 @@ class DEQ(nn.Module):
 
     def __init__(self, *, solver: str = "fixed_point", max_iter: int = 48, tol: float = 1e-3,
                  grad: str = "phantom", K: int = 3, tau: float = 0.5, n_states: int = 0, lazy_states: bool = False,
-                 backend: str = "lite", ift_tol: float = 1e-6, ift_max_iter: int = 100, **solver_options) -> None:
+                 solver_tau: float = 1.0, backend: str = "lite", ift_tol: float = 1e-6, ift_max_iter: int = 100,
+                 **solver_options) -> None:
         super().__init__()
         check_options(grad, _GRADS, "grad")
         check_options(backend, _BACKENDS, "backend")
@@ -209,7 +214,7 @@ class DEQ(nn.Module):
         unknown = sorted(set(solver_options) - set(valid))
         if unknown:
             raise TypeError(f"DEQ got unknown option(s) {unknown}; solver {solver!r} takes {valid}, and the DEQ "
-                            f"itself: solver, max_iter, tol, grad, K, tau, n_states, lazy_states, backend, "
+                            f"itself: solver, max_iter, tol, grad, K, tau, n_states, lazy_states, solver_tau, backend, "
                             f"ift_tol, ift_max_iter")
         for name, value, low in (("max_iter", max_iter, 1), ("K", K, 1), ("n_states", n_states, 0),
                                  ("ift_max_iter", ift_max_iter, 1)):
@@ -219,6 +224,11 @@ class DEQ(nn.Module):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not 0 < tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+        if isinstance(solver_tau, bool) or not isinstance(solver_tau, (int, float)) or not 0 < solver_tau <= 1:
+            raise ValueError(f"solver_tau must be in (0, 1], got {solver_tau!r}")
+        if solver_tau != 1 and (solver == "broyden" or backend == "torchdeq" or grad == "bptt"):
+            raise ValueError(f"solver_tau < 1 needs solver 'fixed_point' or 'anderson', backend 'lite' and grad "
+                             f"'phantom' or 'ift'; got solver={solver!r}, backend={backend!r}, grad={grad!r}")
         if grad == "bptt" and solver != "fixed_point":
             raise ValueError(f"grad='bptt' back-propagates through plain fixed-point steps; it needs "
                              f"solver='fixed_point', got {solver!r}")
@@ -233,12 +243,14 @@ class DEQ(nn.Module):
         self.solver, self.max_iter, self.tol, self.grad = solver, max_iter, float(tol), grad
         self.K, self.tau, self.n_states, self.lazy_states = K, float(tau), n_states, bool(lazy_states)
         self.backend, self.ift_tol, self.ift_max_iter = backend, float(ift_tol), ift_max_iter
+        self.solver_tau = float(solver_tau)
         self.solver_options = dict(solver_options)
 
     def extra_repr(self) -> str:
         opts = "".join(f", {k}={v!r}" for k, v in self.solver_options.items())
         return (f"solver={self.solver!r}, max_iter={self.max_iter}, tol={self.tol:g}, grad={self.grad!r}, "
                 f"K={self.K}, tau={self.tau:g}, n_states={self.n_states}, lazy_states={self.lazy_states}, "
+                f"solver_tau={self.solver_tau:g}, "
                 f"backend={self.backend!r}{opts}")
 
     def forward(self, f: Map, z0: Tensor) -> tuple[Tensor, list[State], DEQInfo]:
@@ -263,6 +275,8 @@ class DEQ(nn.Module):
                 kept[k] = z
 
         opts = dict(max_iter=self.max_iter, tol=self.tol, callback=keep, **self.solver_options)
+        if self.solver_tau != 1.0:
+            opts["tau"] = self.solver_tau
         bptt = self.grad == "bptt" and graph
         if bptt:
             z_solved, sinfo = fixed_point(f, z0, track_graph=True, **opts)

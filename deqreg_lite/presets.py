@@ -18,35 +18,44 @@ from __future__ import annotations
 from .pretrained import INPUT_SIZE, PRETRAINED, TRAIN_SIZE
 
 __all__ = ["PRESETS", "DATASET_DIRS", "SETTINGS", "TRAIN_ORDER", "TRAIN_KINDS", "LAM", "PRETRAINED_LR",
-           "TRAIN_SIZE", "INPUT_SIZE", "PRETRAINED"]
+           "PRETRAINED_BUDGET", "PRETRAINED_BATCH", "DEQ_RECIPE", "SEEDS", "SELECTION", "TRAIN_SIZE", "INPUT_SIZE",
+           "PRETRAINED"]
 
 # ----------------------------------------------------------------------------------- the shipped 2D checkpoints
-#: the order in which the script trains them (a warm-started model after its source).
-TRAIN_ORDER = ("voxelmorph", "unrolling", "deqreg", "deqreg12", "gradirn", "riir")
+#: the order in which the script trains them (every one from scratch: no order dependence).
+TRAIN_ORDER = ("voxelmorph", "unrolling_ml", "unrolling", "gradirn", "riir", "deqreg12", "deqreg")
 #: kinds of training pairs (``"synth"`` is left out: its two images get independent random intensities, which LNCC
 #: training at this budget did not learn from).
 TRAIN_KINDS = ("brain", "inter")
 #: the diffusion weight of their training loss, in voxel units.
 LAM = 1.0
-#: their AdamW learning rate (the paper: 1e-4; 1e-3 for a CPU budget).
+#: their AdamW learning rate (the paper: 1e-4; 1e-3 for a CPU budget), constant (no schedule), for every model.
 PRETRAINED_LR = 1e-3
-#: per method: constructor options, iterations, AdamW learning rate, and an optional warm start (``init``: the
-#: name of a checkpoint whose weights initialise this method; same update map and U-Net).
+#: optimizer steps of every model (batch :data:`PRETRAINED_BATCH`): one budget for all, from scratch.
+PRETRAINED_BUDGET = 5000
+#: pairs per optimizer step.
+PRETRAINED_BATCH = 1
+#: the DEQ recipe of the retrained DEQReg and DEQReg-12 (chosen by ``benchmarks/recipes.py``): the forward solve
+#: iterates the damped map that the phantom gradient unrolls (``damping = tau = 0.5``).
+DEQ_RECIPE = {"damping": 0.5}
+#: per method: constructor options, iterations, AdamW learning rate; every model starts from scratch
+#: (``init: "scratch"`` in the manifest) and is selected by the best validation Dice (``best.pt`` of its run).
 SETTINGS: dict[str, dict] = {
-    "voxelmorph": {"kwargs": {}, "iterations": 1500, "lr": PRETRAINED_LR},
-    "unrolling": {"kwargs": {"T": 3}, "iterations": 1500, "lr": PRETRAINED_LR},
-    "gradirn": {"kwargs": {}, "iterations": 800, "lr": PRETRAINED_LR},
-    "riir": {"kwargs": {}, "iterations": 600, "lr": PRETRAINED_LR},
-    "deqreg12": {"kwargs": {}, "iterations": 400, "lr": PRETRAINED_LR, "init": "unrolling"},
-    # warm start (both DEQ models): trained from scratch at lr 1e-3, DEQReg still sat at identity level after 150
-    # iterations (~4 min here), beyond this CPU budget; so DEQReg and DEQReg-12 start from the Unrolling (T = 3)
-    # weights (same U-Net, same input [If, Im o phi, phi]) and are then trained with their own phantom-gradient
-    # losses (DEQReg: T = 48, S = 3, Eq. 9; DEQReg-12: T = 12, S = 0).
-    # 200 iterations: early stopping read off the validation curve of a 400-iteration run (val Dice 0.611 at the
-    # warm start, 0.705 / 0.702 / 0.687 / 0.586 at 100 / 200 / 300 / 400 iterations, folding 0.35 / 0.30 / 0.44 /
-    # 2.95%): at lr 1e-3 the DEQ fine-tune degraded after ~300 iterations.
-    "deqreg": {"kwargs": {}, "iterations": 200, "lr": PRETRAINED_LR, "init": "unrolling"},
+    "voxelmorph": {"kwargs": {}},
+    "unrolling_ml": {"kwargs": {}},
+    "unrolling": {"kwargs": {"T": 3}},
+    "gradirn": {"kwargs": {}},
+    "riir": {"kwargs": {}},
+    "deqreg12": {"kwargs": dict(DEQ_RECIPE)},
+    "deqreg": {"kwargs": dict(DEQ_RECIPE)},
 }
+for _cfg in SETTINGS.values():
+    _cfg.update(iterations=PRETRAINED_BUDGET, lr=PRETRAINED_LR, batch_size=PRETRAINED_BATCH)
+#: seeds trained per model (the first one ships; the others measure the spread).
+SEEDS: dict[str, tuple[int, ...]] = {name: (0,) for name in SETTINGS}
+SEEDS.update(deqreg=(0, 1), unrolling_ml=(0, 1))
+#: the selection rule, as recorded in the manifest.
+SELECTION = "the checkpoint with the best mean validation Dice (validated every 250 steps and at the end)"
 
 # ------------------------------------------------------------------------------------------- the command line
 #: Per-dataset defaults of ``train`` and ``evaluate`` (see the module docstring).
@@ -56,7 +65,7 @@ PRESETS: dict[str, dict] = {
     "nlst": {"ndim": 3, "size": (224, 192, 224), "epochs": 100, "iterations": None, "batch_size": 1, "lr": 1e-4,
              "lam": 1.25, "val_pairs": None, "eval_split": "val"},
     "sample": {"ndim": 2, "size": tuple(TRAIN_SIZE), "epochs": None,
-               "iterations": SETTINGS["voxelmorph"]["iterations"], "batch_size": 1, "lr": PRETRAINED_LR,
+               "iterations": 1500, "batch_size": 1, "lr": PRETRAINED_LR,
                "lam": LAM, "val_pairs": 9, "eval_split": "test", "train_pairs": 1000},
 }
 #: the folder of each dataset under ``$DEQREG_DATA_DIR``.

@@ -1,14 +1,19 @@
 #!/usr/bin/env python
 """Train the small pretrained 2D checkpoints shipped in data/checkpoints (see data/checkpoints/README.md).
 
-    python scripts/train_pretrained.py                        # every model, the shipped settings
-    python scripts/train_pretrained.py --names deqreg --threads 1
-    python scripts/train_pretrained.py --names voxelmorph --iterations 50 --out /tmp/ckpt   # a smoke test
-    python scripts/train_pretrained.py --evaluate-only        # measure the shipped checkpoints (README numbers)
+Every model is trained **from scratch** with one budget of optimizer steps (``presets.PRETRAINED_BUDGET``), the same
+data, the same constant learning rate and the same selection rule (the best validation Dice), one run per (model,
+seed) in ``runs/pretrained/<name>-seed<seed>/``. A run checkpoints every 50 steps and **resumes** from its
+``last.pt`` when started again, so long runs survive interruptions (Ctrl-C saves too)::
+
+    python scripts/train_pretrained.py --threads 1                       # every model and seed (resumes)
+    python scripts/train_pretrained.py --names deqreg --seeds 1 --threads 1
+    python scripts/train_pretrained.py --export-only                     # best.pt of each shipped seed -> data/checkpoints
+    python scripts/train_pretrained.py --names voxelmorph --iterations 20 --runs /tmp/r --out /tmp/c --export
+    python scripts/train_pretrained.py --evaluate-only                   # measure the shipped checkpoints
 
 The models are trained and run at 80 x 96 (half of brain2d's 160 x 192); deqreg_lite.pretrained.load_pretrained
-wraps them to take 160 x 192 images. Seeds are fixed (--seed), so a run is repeatable on the same machine/threads.
-Without --from-scratch, models whose checkpoint already exists in --out are skipped (quick mode just loads them).
+wraps them to take 160 x 192 images. Seeds are fixed, so a run is repeatable on the same machine and threads.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -30,7 +36,7 @@ from deqreg_lite.config import checkpoints_dir  # noqa: E402
 from deqreg_lite.datasets.pairs import PairDataset  # noqa: E402
 from deqreg_lite.evaluate import pair_metrics  # noqa: E402
 from deqreg_lite.methods import RegistrationLoss, build_method  # noqa: E402
-from deqreg_lite.presets import LAM, SETTINGS, TRAIN_KINDS, TRAIN_ORDER  # noqa: E402
+from deqreg_lite.presets import LAM, SEEDS, SELECTION, SETTINGS, TRAIN_KINDS, TRAIN_ORDER  # noqa: E402
 from deqreg_lite.pretrained import INPUT_SIZE, PRETRAINED, TRAIN_SIZE, _check_name  # noqa: E402
 from deqreg_lite.train import Trainer, load_checkpoint, save_checkpoint  # noqa: E402
 
@@ -39,93 +45,92 @@ SWEEP_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# training (moved here from deqreg_lite.pretrained, which only loads)
+# training: one run per (model, seed), from scratch, resumable; export picks each run's best.pt
 # ---------------------------------------------------------------------------------------------------------------
-def _quick_val(method: nn.Module, pairs: list) -> dict:
-    was = method.training
-    method.eval()
-    try:
-        with torch.no_grad():
-            rows = [pair_metrics(s, method(s["fixed"], s["moving"]).disp, with_hd95=False) for s in pairs]
-    finally:
-        method.train(was)
-    mean = lambda k: float(sum(r[k] for r in rows) / len(rows))
-    return {"dice": mean("dice"), "folding_pct": mean("folding_pct"), "real_dice": rows[0]["dice"]}
+VAL_PAIRS = 8
+VAL_EVERY = 250
+CHECKPOINT_EVERY = 50
+N_TRAIN = 4000
+DATA = {
+    "train": f"PairDataset('train', {N_TRAIN}, {tuple(TRAIN_SIZE)}, kinds={TRAIN_KINDS}, seed=<run seed>): generated "
+             "pairs of the two shipped brain slices (the MNI ICBM152 2009a coronal slice y = -15 mm and the dipy "
+             "T1 coronal slice), each deformed by random smooth warps and re-shaded",
+    "validation": f"PairDataset('val', {VAL_PAIRS}, {tuple(TRAIN_SIZE)}, include_real=False): held-out generated "
+                  "pairs (eval-range seeds) of the same two brains; the real brain2d pair is not among them",
+    "subjects": ["MNI ICBM152 2009a template (coronal slice y = -15 mm)", "dipy t1_coronal_slice"],
+}
 
 
-def train_pretrained(names: Sequence[str] = PRETRAINED, out: str | os.PathLike | None = None, *,
-                     iterations: Optional[int] = None, seed: int = 0, n_train: int = 4000, n_val: int = 5,
-                     val_every: int = 100, log: Callable[[str], None] = print,
-                     settings: Optional[dict] = None) -> dict:
-    """Train the named models at 80 x 96 and write ``<out>/<name>.pt`` and ``<out>/manifest.json``.
+def run_dir(runs: Path, name: str, seed: int) -> Path:
+    return runs / f"{name}-seed{seed}"
 
-    Each method is trained on generated ``PairDataset("train", n_train, TRAIN_SIZE, kinds=TRAIN_KINDS)`` pairs
-    with AdamW and ``RegistrationLoss(lam=LAM)``, at the learning rates and iteration counts of ``SETTINGS``
-    (deviations from the paper: lr 1e-3, not 1e-4, and far fewer iterations, for a CPU; the warm starts and the
-    early stop are explained in data/checkpoints/README.md).
 
-    Args:
-        names: which models (in this order; a model with ``init`` in its settings needs that checkpoint in
-            ``out`` first).
-        out: folder (default :func:`deqreg_lite.config.checkpoints_dir`).
-        iterations: override every model's iteration count (e.g. for a smoke test).
-        seed: seeds the initialisation (``torch.manual_seed``) and the trainer's data order.
-        n_train: size of the generated training set (``kinds=TRAIN_KINDS``, train seeds).
-        n_val: validation pairs during training (the real pair at 80 x 96 plus held-out generated ones).
-        val_every: iterations between validations (logged and stored in the record).
-        log: where progress lines go.
-        settings: override :data:`SETTINGS` entries (``{name: {...}}``).
-    Returns:
-        ``{name: record}`` (the records also stored in the checkpoints and the manifest).
-    """
-    out = Path(out) if out is not None else checkpoints_dir()
+def train_run(name: str, seed: int, runs: Path, *, iterations: Optional[int] = None, resume: bool = True,
+              log: Callable[[str], None] = print) -> dict:
+    """Train ``name`` with ``seed`` from scratch into ``runs/<name>-seed<seed>/`` (``last.pt`` every
+    ``CHECKPOINT_EVERY`` steps, ``best.pt`` by validation Dice, ``log.jsonl``); with ``resume`` an existing
+    ``last.pt`` is continued. Returns the run's summary (also written to ``run.json`` there)."""
+    cfg = SETTINGS[name]
+    its = int(iterations if iterations is not None else cfg["iterations"])
+    folder = run_dir(runs, name, seed)
+    torch.manual_seed(seed)
+    method = build_method(name, 2, **cfg["kwargs"])
+    train = PairDataset("train", N_TRAIN, TRAIN_SIZE, kinds=TRAIN_KINDS, seed=seed)
+    val = PairDataset("val", VAL_PAIRS, TRAIN_SIZE, include_real=False)
+    cont = resume and (folder / "last.pt").is_file()
+    trainer = Trainer(method, RegistrationLoss(lam=LAM), train, val, lr=cfg["lr"], batch_size=cfg["batch_size"],
+                      iterations=its, val_every=VAL_EVERY, checkpoint_dir=folder, checkpoint_every=CHECKPOINT_EVERY,
+                      log_every=25, seed=seed, device="cpu", progress=False, log_path=folder / "log.jsonl",
+                      overwrite=not cont)
+    if cont:
+        trainer.resume()
+        trainer.iterations = its
+        log(f"[{name} seed {seed}] resumed at iteration {trainer.iteration}")
+    t0 = time.perf_counter()
+    trainer.fit()
+    rows = trainer.history
+    train_s = sum(r["time_s"] * 25 for r in rows if r.get("split") == "train" and "time_s" in r)
+    vals = [r for r in rows if r.get("split") == "val"]
+    best = max(vals, key=lambda r: r["dice"]) if vals else None
+    summary = {"name": name, "seed": seed, "config": method.config(), "iterations": trainer.iteration,
+               "budget": its, "lr": cfg["lr"], "schedule": "constant", "weight_decay": trainer.weight_decay,
+               "batch_size": cfg["batch_size"], "lam": LAM, "init": "scratch",
+               "selected_iteration": best["iteration"] if best else None,
+               "selected_val": {k: best[k] for k in ("dice", "dice_std", "folding_pct") if k in best} if best else None,
+               "val_curve": [{k: r[k] for k in ("iteration", "dice", "folding_pct") if k in r} for r in vals],
+               "train_time_s": round(train_s, 1), "this_call_s": round(time.perf_counter() - t0, 1),
+               "threads": torch.get_num_threads(), "torch_version": str(torch.__version__),
+               "device": "cpu", "data": DATA, "selection": SELECTION}
+    (folder / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log(f"[{name} seed {seed}] done: {trainer.iteration} steps, best val Dice "
+        f"{best['dice'] if best else float('nan'):.4f} at {summary['selected_iteration']}, {train_s:.0f} s")
+    return summary
+
+
+def export(names: Sequence[str], runs: Path, out: Path, log: Callable[[str], None] = print) -> dict:
+    """Copy each model's shipped run (its first seed in ``SEEDS``), ``best.pt``'s weights, to ``out/<name>.pt``
+    with the training record, and write ``out/manifest.json`` (every seed's summary under ``seeds``)."""
     out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        _check_name(name)
-    train = PairDataset("train", n_train, TRAIN_SIZE, kinds=TRAIN_KINDS, seed=seed)
-    val_ds = PairDataset("val", n_val, TRAIN_SIZE)
-    val = [val_ds[i] for i in range(len(val_ds))]
-    loss = RegistrationLoss(lam=LAM)
     records = {}
     for name in names:
-        cfg = {**SETTINGS[name], **((settings or {}).get(name, {}))}
-        its = int(iterations if iterations is not None else cfg["iterations"])
-        torch.manual_seed(seed)
-        method = build_method(name, 2, **cfg["kwargs"])
-        init = cfg.get("init")
-        if init:
-            src = load_checkpoint(out / f"{init}.pt", "cpu", name=init)
-            method.load_state_dict({k: v.float() for k, v in src["model"].items()})
-            log(f"[{name}] warm start from {init}.pt")
-        trainer = Trainer(method, loss, train, None, lr=cfg["lr"], iterations=its, log_every=25, seed=seed,
-                          device="cpu", progress=False)
-        vals = [{"iteration": 0, **_quick_val(method, val)}]
-        log(f"[{name}] it 0 val {vals[-1]}")
-        t0 = time.perf_counter()
-        while trainer.iteration < its:
-            trainer.fit(min(its, trainer.iteration + val_every))
-            train_rows = [r for r in trainer.history if r.get("split") == "train"][-4:]
-            tl = sum(r["loss"] for r in train_rows) / max(1, len(train_rows))
-            vals.append({"iteration": trainer.iteration, "time_s": time.perf_counter() - t0, "train_loss": tl,
-                         **_quick_val(method, val)})
-            log(f"[{name}] it {trainer.iteration} {vals[-1]['time_s']:.0f}s loss {tl:.4f} val dice "
-                f"{vals[-1]['dice']:.4f} real {vals[-1]['real_dice']:.4f} fold {vals[-1]['folding_pct']:.3f}%")
-            if not math.isfinite(tl):
-                raise RuntimeError(f"{name}: training loss became {tl}")
-        elapsed = time.perf_counter() - t0
-        record = {"name": name, "config": method.config(), "iterations": its, "lr": cfg["lr"], "weight_decay": 1e-2,
-                  "lam": LAM, "loss": repr(loss), "batch_size": 1, "seed": seed, "train_size": list(TRAIN_SIZE),
-                  "input_size": list(INPUT_SIZE), "factor": 2, "train_kinds": list(TRAIN_KINDS),
-                  "n_train": n_train, "init": init or None, "train_time_s": round(elapsed, 1),
-                  "threads": torch.get_num_threads(), "val_during_training": vals,
-                  "final_val_dice": vals[-1]["dice"], "final_val_folding_pct": vals[-1]["folding_pct"],
-                  "final_real_dice": vals[-1]["real_dice"], "torch_version": str(torch.__version__)}
+        seeds = SEEDS[name]
+        summaries = [json.loads((run_dir(runs, name, s) / "run.json").read_text()) for s in seeds
+                     if (run_dir(runs, name, s) / "run.json").is_file()]
+        if not summaries or summaries[0]["seed"] != seeds[0]:
+            raise FileNotFoundError(f"{name}: no finished run for seed {seeds[0]} in {runs}")
+        ship = summaries[0]
+        ckpt = load_checkpoint(run_dir(runs, name, ship["seed"]) / "best.pt", "cpu", name=name)
+        method = build_method(name, 2, **SETTINGS[name]["kwargs"])
+        method.load_state_dict(ckpt["model"])
         method.eval()
-        save_checkpoint(out / f"{name}.pt", method, None, iteration=its, history=[], rng=False,
+        record = {**ship, "input_size": list(INPUT_SIZE), "train_size": list(TRAIN_SIZE), "factor": 2,
+                  "seeds": [{k: s[k] for k in ("seed", "iterations", "selected_iteration", "selected_val",
+                                               "train_time_s")} for s in summaries]}
+        save_checkpoint(out / f"{name}.pt", method, None, iteration=ship["iterations"], history=[], rng=False,
                         extra={"factor": 2, "pretrained": json.loads(json.dumps(record))})
         records[name] = record
         _update_manifest(out, name, record)
-        log(f"[{name}] saved {out / f'{name}.pt'} ({elapsed:.0f} s)")
+        log(f"[{name}] exported seed {ship['seed']}, iteration {ship['selected_iteration']} -> {out / (name + '.pt')}")
     return records
 
 
@@ -133,7 +138,7 @@ def _update_manifest(out: Path, name: str, record: dict) -> None:
     path = out / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     models = manifest.get("models", {})
-    slim = {k: v for k, v in record.items() if k != "val_during_training"}
+    slim = {k: v for k, v in record.items() if k not in ("val_during_training", "val_curve")}
     slim["file"] = f"{name}.pt"
     slim["bytes"] = (out / f"{name}.pt").stat().st_size
     models[name] = slim
@@ -141,7 +146,8 @@ def _update_manifest(out: Path, name: str, record: dict) -> None:
                 "format": "deqreg_lite.pretrained", "made_by": "python scripts/train_pretrained.py",
                 "internal_size": list(TRAIN_SIZE), "input_size": list(INPUT_SIZE),
                 "note": "models run at 80x96 internally (HalfResolution wrapper); lr 1e-3 (paper 1e-4) and lam 1 "
-                        "(voxel units) are deliberate deviations for a CPU budget",
+                        "(voxel units) are deliberate deviations for a CPU budget; every model from scratch with "
+                        "one budget of optimizer steps",
                 "models": models}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
@@ -215,31 +221,35 @@ def evaluate_checkpoints(out: Path, n_val: int = 9, sweep_names=("unrolling", "d
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--names", nargs="+", default=list(TRAIN_ORDER), choices=list(PRETRAINED),
-                   help="models to train, in this order (default: all, deqreg12 before deqreg)")
-    p.add_argument("--iterations", type=int, default=None, help="override every model's iteration count")
-    p.add_argument("--out", default=None, help=f"output folder (default {checkpoints_dir()})")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="retrain even when a checkpoint exists (default: skip existing ones)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--names", nargs="+", default=list(TRAIN_ORDER), choices=list(SETTINGS),
+                   help="models (default: all, in TRAIN_ORDER)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds to train (default: each model's SEEDS)")
+    p.add_argument("--iterations", type=int, default=None, help="override the budget (e.g. for a smoke test)")
+    p.add_argument("--runs", default=str(ROOT / "runs" / "pretrained"),
+                   help="folder of the training runs (checkpoints, logs; not shipped)")
+    p.add_argument("--out", default=None, help=f"folder of the exported checkpoints (default {checkpoints_dir()})")
+    p.add_argument("--restart", action="store_true", help="start runs anew instead of resuming their last.pt")
+    p.add_argument("--export", action="store_true", help="after training, export each model's best.pt to --out")
+    p.add_argument("--export-only", action="store_true", help="only export finished runs")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (1 is fastest for these small models on a busy machine)")
     p.add_argument("--evaluate", action="store_true",
-                   help="after training, measure every checkpoint at 160x192 (written to evaluation.json)")
+                   help="after exporting, measure every checkpoint at 160x192 (written to evaluation.json)")
     p.add_argument("--evaluate-only", action="store_true", help="only measure the existing checkpoints")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out) if args.out else checkpoints_dir()
-    names = list(dict.fromkeys(args.names))  # the order given (a warm-started model after its source)
-    if not args.from_scratch:
-        skipped = [n for n in names if (out / f"{n}.pt").is_file()]
-        if skipped:
-            print(f"skipping existing checkpoints {skipped} (pass --from-scratch to retrain)")
-        names = [n for n in names if n not in skipped]
-    if names and not args.evaluate_only:
-        train_pretrained(names, out, iterations=args.iterations, seed=args.seed,
-                         log=lambda s: print(s, flush=True))
+    runs = Path(args.runs)
+    names = list(dict.fromkeys(args.names))
+    if not (args.export_only or args.evaluate_only):
+        for name in names:
+            for seed in (args.seeds if args.seeds is not None else SEEDS[name]):
+                train_run(name, seed, runs, iterations=args.iterations, resume=not args.restart,
+                          log=lambda s: print(s, flush=True))
+    if args.export or args.export_only:
+        export(names, runs, out, log=lambda s: print(s, flush=True))
     if args.evaluate or args.evaluate_only:
         res = evaluate_checkpoints(out)
         (out / "evaluation.json").write_text(json.dumps(res, indent=1) + "\n")

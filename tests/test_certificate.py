@@ -205,3 +205,87 @@ def test_half_resolution_passes_the_certificate_on():
     with torch.no_grad():
         res = HalfResolution(m)(fixed, moving, certificate=True)
     assert len(res.info["spectral_radius"]) == 1 and res.info["internal_size"] == (16, 16)
+
+
+# ------------------------------------------------------------------------------- the damped solve (recipe option)
+def test_damped_solve_has_the_same_fixed_points_and_iterates_the_damped_map():
+    """``DEQ(solver_tau=d)`` iterates ``z <- d f(z) + (1 - d) z``: on a linear map with eigenvalue -1.5 the plain
+    iteration diverges while the damped one (d = 0.5: eigenvalue 1 - 0.5 * 2.5 = -0.25) converges to the same
+    fixed point that f has."""
+    from deqreg_lite.deq import DEQ
+    A = with_eigenvalues([-1.5, 0.3, 0.1])
+    b = torch.tensor([[1.0, -2.0, 0.5]], dtype=F64)
+    f = lambda z: z @ A.T + b
+    z_true = torch.linalg.solve(torch.eye(3, dtype=F64) - A, b[0])
+    with torch.no_grad():
+        plain, _, pinfo = DEQ(max_iter=60, tol=1e-8, on_diverge="flag")(f, torch.zeros(1, 3, dtype=F64))
+        damped, _, dinfo = DEQ(max_iter=60, tol=1e-8, on_diverge="flag", solver_tau=0.5)(
+            f, torch.zeros(1, 3, dtype=F64))
+    assert dinfo.converged and torch.allclose(damped[0], z_true, atol=1e-6)
+    assert not pinfo.converged
+    # the residual is f's, ||f(z) - z|| / ||f(z)||, whatever the damping
+    assert dinfo.residual <= 1e-8
+    for bad in (0.0, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="solver_tau"):
+            DEQ(solver_tau=bad)
+    with pytest.raises(ValueError, match="solver_tau"):
+        DEQ(solver="broyden", solver_tau=0.5)
+
+
+def test_deqreg_damping_iteration_map_and_certificate():
+    m = perturbed_deqreg()
+    fixed, moving = pair(B=1, size=(16, 16))
+    z = 0.3 * torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(3))
+    damped = DEQReg(2, damping=0.5)
+    damped.load_state_dict(m.state_dict())
+    assert m.iteration_map(fixed, moving)(z).equal(m.update_map(fixed, moving)(z))  # damping 1: h = g
+    with torch.no_grad():
+        g, h = damped.update_map(fixed, moving)(z), damped.iteration_map(fixed, moving)(z)
+    assert torch.allclose(h, 0.5 * g + 0.5 * z, atol=1e-6)
+    with torch.no_grad():
+        res = damped(fixed, moving, certificate=True)
+    # the certificate is the iteration map's: its Jacobian is 0.5 I + 0.5 dg/dphi
+    r = spectral_radius(damped.iteration_map(fixed, moving), res.disp, iters=CERTIFICATE_ITERS)
+    assert res.info["spectral_radius"][0] == pytest.approx(float(r.value), rel=1e-4)
+    # the config round-trips (checkpoints rebuild the damped model)
+    assert damped.config()["damping"] == 0.5
+    with pytest.raises(ValueError, match="solver_tau"):
+        DEQReg(2, damping=0.0)
+
+
+def test_jacobian_penalty_estimates_the_mean_squared_singular_value():
+    """On the untrained (near-zero update) model, h(phi) = phi + d * UNet(...) ~ phi, so the estimate is ~1;
+    averaged over probes, it equals ||J||_F^2 / n of the exact Jacobian."""
+    m = DEQReg(2, damping=0.5, jac_weight=1.0)
+    m.net.head.weight.data.normal_(std=0.05, generator=torch.Generator().manual_seed(0))
+    fixed, moving = pair(B=1, size=(16, 16))
+    z = 0.3 * torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(4))
+    h = m.iteration_map(fixed, moving)
+    J = torch.autograd.functional.jacobian(h, z).reshape(z.numel(), z.numel())
+    exact = float(J.pow(2).sum() / z.numel())
+    torch.manual_seed(0)
+    est = sum(float(m.jacobian_penalty(fixed, moving, z).detach()) for _ in range(200)) / 200
+    assert est == pytest.approx(exact, rel=0.1)
+    assert 0.1 < exact < 10
+
+
+def test_training_step_with_the_jacobian_penalty_back_propagates_it():
+    from deqreg_lite.methods import RegistrationLoss
+    fixed, moving = pair(B=1, size=(16, 16))
+    torch.manual_seed(0)
+    plain = DEQReg(2, T=4, S=1, damping=0.5)
+    pen = DEQReg(2, T=4, S=1, damping=0.5, jac_weight=2.0)
+    pen.load_state_dict(plain.state_dict())
+    loss = RegistrationLoss(lam=1.0)
+    torch.manual_seed(1)
+    a = plain.training_step(fixed, moving, loss)
+    torch.manual_seed(1)
+    b = pen.training_step(fixed, moving, loss)
+    assert "jac_fro2" in b and "jac_fro2" not in a
+    assert b["loss"] == pytest.approx(a["loss"] + 2.0 * b["jac_fro2"], rel=1e-5)
+    ga = torch.cat([p.grad.flatten() for p in plain.parameters()])
+    gb = torch.cat([p.grad.flatten() for p in pen.parameters()])
+    assert not torch.allclose(ga, gb)  # the penalty reached the parameters
+    for bad in (-1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="jac_weight"):
+            DEQReg(2, jac_weight=bad)

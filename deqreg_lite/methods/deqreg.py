@@ -93,22 +93,42 @@ class DEQReg(RegistrationMethod):
         solver: ``"fixed_point"`` (default), ``"anderson"`` or ``"broyden"``.
         tol: relative tolerance of the solve in training and at test time with ``steps=None`` (the default of
             ``forward``'s ``tol``).
+        damping: relaxation of the forward solve in ``(0, 1]``: the solver iterates the map
+            ``h(phi) = phi + damping * (g(phi) - phi)`` (:meth:`iteration_map`), whose fixed points are ``g``'s.
+            ``damping = tau`` makes the solve iterate the very map that the phantom gradient unrolls in training
+            (the recipe of the retrained checkpoints; see ``benchmarks/recipes.py``). Default 1: the paper's
+            undamped iteration. The residuals reported are always ``g``'s, ``||g(phi) - phi|| / ||g(phi)||``.
+        jac_weight: weight of a Jacobian penalty added to the training loss (0: none): a one-probe Hutchinson
+            estimate of ``||dh/dphi||_F^2 / n`` at ``phi*`` (``n`` the field's size, so a contraction in every
+            direction keeps it below 1), from a finite-difference Jacobian-vector product
+            ``(h(phi* + eps v) - h(phi*)) / eps`` with ``v`` standard normal and ``eps = jac_eps`` voxels (first
+            derivatives only, so it also runs on CUDA builds without a double backward through ``grid_sample``).
+            After Bai, Koltun and Kolter, "Stabilizing Equilibrium Models by Jacobian Regularization" (2021).
+        jac_eps: the finite-difference step of that product, in voxels.
     """
 
     name = "deqreg"
 
     def __init__(self, ndim: int, T: int = 48, S: int = 3, gamma: float = 0.5, K: int = 3, tau: float = 0.5,
-                 solver: str = "fixed_point", tol: float = 1e-3) -> None:
+                 solver: str = "fixed_point", tol: float = 1e-3, damping: float = 1.0, jac_weight: float = 0.0,
+                 jac_eps: float = 1e-2) -> None:
         super().__init__(ndim)
+        for name, value in (("jac_weight", jac_weight), ("jac_eps", jac_eps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not jac_eps > 0:
+            raise ValueError(f"jac_eps must be > 0 (voxels), got {jac_eps!r}")
+        self.jac_weight, self.jac_eps = float(jac_weight), float(jac_eps)
         self.T = self.trained_steps = check_count(T, "T")
         self.S = check_count(S, "S", low=0)
         self.K = check_count(K, "K")
         if not 0 <= gamma < math.inf:
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
         self.gamma, self.tau, self.solver, self.tol = float(gamma), float(tau), solver, float(tol)
-        # validates solver, tau and tol; holds options only (no parameters, nothing in the state dict)
+        # holds options only (no parameters, nothing in the state dict); validates solver, tau, damping and tol
         self.deq = DEQ(solver=solver, max_iter=T, tol=tol, grad="phantom", K=K, tau=tau, n_states=S,
-                       on_diverge="flag")
+                       on_diverge="flag", solver_tau=damping)
+        self.damping = float(damping)
         self.net = UNet(ndim, 2 + ndim, ndim)
 
     def update_map(self, fixed: Tensor, moving: Tensor,
@@ -121,6 +141,15 @@ class DEQReg(RegistrationMethod):
                 record.append(out.detach())
             return out
         return g
+
+    def iteration_map(self, fixed: Tensor, moving: Tensor) -> Callable[[Tensor], Tensor]:
+        """The map the solver iterates, ``h(phi) = phi + damping * (g(phi) - phi)`` (``g`` itself when
+        ``damping = 1``), as a closure over the images; ``(B, ndim, *spatial) -> (B, ndim, *spatial)``. Its
+        Jacobian's spectral radius is the convergence certificate (``forward(..., certificate=True)``)."""
+        g, d = self.update_map(fixed, moving), self.damping
+        if d == 1.0:
+            return g
+        return lambda phi: phi + d * (g(phi) - phi)
 
     @staticmethod
     def max_disp(fixed: Tensor) -> float:
@@ -175,7 +204,8 @@ class DEQReg(RegistrationMethod):
         check_options(policy, ("lowest", "last"), "policy")
         clock = Clock(fixed)
         deq = DEQ(solver=self.solver, max_iter=n, tol=float(tol), grad="phantom", K=self.K,
-                  tau=self.tau, on_diverge="flag", return_policy=policy, max_abs=self.max_disp(fixed))
+                  tau=self.tau, on_diverge="flag", return_policy=policy, max_abs=self.max_disp(fixed),
+                  solver_tau=self.damping)
         record: Optional[list[Tensor]] = [] if return_states else None
         with torch.no_grad():
             disp, _, dinfo = deq(self.update_map(fixed, moving, record), self._zeros(fixed))
@@ -193,7 +223,7 @@ class DEQReg(RegistrationMethod):
                                   "solver": self.solver, "tol": float(tol), "policy": policy,
                                   "residual": _batch_residual(dinfo.sample_residual)})
         if certificate:
-            rho = spectral_radius(self.update_map(fixed, moving), disp.detach(), iters=CERTIFICATE_ITERS)
+            rho = spectral_radius(self.iteration_map(fixed, moving), disp.detach(), iters=CERTIFICATE_ITERS)
             info.extras.update({"spectral_radius": rho.value.tolist(), "spectral_rayleigh": rho.rayleigh.tolist(),
                                 "spectral_settled": rho.settled.tolist(), "spectral_iters": rho.iterations,
                                 "spectral_trace": rho.trace.T.tolist()})
@@ -210,7 +240,7 @@ class DEQReg(RegistrationMethod):
         check_pair(fixed, moving, self.ndim, model=self)
         g = self.update_map(fixed, moving)
         deq = DEQ(solver=self.solver, max_iter=self.T, tol=self.tol, grad="phantom", K=self.K, tau=self.tau,
-                  n_states=self.S, on_diverge="flag", max_abs=self.max_disp(fixed))
+                  n_states=self.S, on_diverge="flag", max_abs=self.max_disp(fixed), solver_tau=self.damping)
         with torch.no_grad():
             z_star, states, dinfo = deq(g, self._zeros(fixed))
 
@@ -223,10 +253,31 @@ class DEQReg(RegistrationMethod):
 
         total = sum(term(z_t, self.gamma) for z_t in states)
         final = term(z_star, 1.0)
-        return {"loss": total + final, "loss_final": final, "nfe": float(dinfo.nfe),
+        extra: dict[str, float] = {}
+        if self.jac_weight > 0 and not dinfo.diverged:
+            jac = self.jacobian_penalty(fixed, moving, z_star)
+            backward(self.jac_weight * jac)
+            extra = {"jac_fro2": float(jac.detach())}
+            total += self.jac_weight * extra["jac_fro2"]
+        return {**extra, "loss": total + final, "loss_final": final, "nfe": float(dinfo.nfe),
                 "grad_nfe": float(self.K * (len(states) + 1)), "steps": float(dinfo.nstep),
                 "residual": float(dinfo.residual), "converged": float(dinfo.converged),
                 "diverged": float(dinfo.diverged), "n_padded": float(dinfo.n_padded)}
+
+
+    def jacobian_penalty(self, fixed: Tensor, moving: Tensor, z: Tensor) -> Tensor:
+        """One-probe Hutchinson estimate of ``||dh/dphi||_F^2 / n`` at ``z`` (``(B, ndim, *spatial)``), averaged
+        over the batch, with the graph to the parameters: ``||h(z + eps v) - h(z)||^2 / (eps^2 ||v||^2)``, ``v``
+        standard normal, ``eps = jac_eps`` voxels (a finite-difference Jacobian-vector product of
+        :meth:`iteration_map`). Its expectation over ``v`` is the mean squared singular value of the Jacobian
+        (``rho^2`` for a normal Jacobian with all eigenvalues of modulus ``rho``). Returns a scalar tensor."""
+        h = self.iteration_map(fixed, moving)
+        z = z.detach()
+        v = torch.randn_like(z)
+        dz = h(z + self.jac_eps * v) - h(z)
+        dims = tuple(range(1, z.dim()))
+        ratio = dz.pow(2).sum(dims) / (self.jac_eps ** 2 * v.pow(2).sum(dims))
+        return ratio.mean()
 
 
 class DEQReg12(DEQReg):
@@ -235,8 +286,10 @@ class DEQReg12(DEQReg):
     name = "deqreg12"
 
     def __init__(self, ndim: int, T: int = 12, S: int = 0, gamma: float = 0.5, K: int = 3, tau: float = 0.5,
-                 solver: str = "fixed_point", tol: float = 1e-3) -> None:
-        super().__init__(ndim, T=T, S=S, gamma=gamma, K=K, tau=tau, solver=solver, tol=tol)
+                 solver: str = "fixed_point", tol: float = 1e-3, damping: float = 1.0, jac_weight: float = 0.0,
+                 jac_eps: float = 1e-2) -> None:
+        super().__init__(ndim, T=T, S=S, gamma=gamma, K=K, tau=tau, solver=solver, tol=tol, damping=damping,
+                         jac_weight=jac_weight, jac_eps=jac_eps)
 
 
 def deqreg12(ndim: int, **kwargs) -> DEQReg12:
