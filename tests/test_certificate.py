@@ -289,3 +289,23 @@ def test_training_step_with_the_jacobian_penalty_back_propagates_it():
     for bad in (-1.0, float("nan"), True):
         with pytest.raises(ValueError, match="jac_weight"):
             DEQReg(2, jac_weight=bad)
+
+
+def test_leak_makes_the_untrained_map_a_contraction():
+    """A fresh DEQReg predicts ~0, so g ~ identity (rho ~ 1); with leak 0.5 and damping 0.5 the iteration map is
+    ~ (1 - 0.25) I: rho ~ 0.75, and g(phi) = phi + UNet(...) - leak * phi exactly."""
+    fixed, moving = pair(B=1, size=(16, 16))
+    z = 0.3 * torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    plain = DEQReg(2)
+    torch.manual_seed(0)
+    leaky = DEQReg(2, damping=0.5, leak=0.5)
+    with torch.no_grad():
+        assert torch.allclose(leaky.update_map(fixed, moving)(z), plain.update_map(fixed, moving)(z) - 0.5 * z)
+    r_plain = spectral_radius(plain.iteration_map(fixed, moving), z, iters=20)
+    r_leaky = spectral_radius(leaky.iteration_map(fixed, moving), z, iters=20)
+    assert float(r_plain.value) == pytest.approx(1.0, abs=1e-3)
+    assert float(r_leaky.value) == pytest.approx(0.75, abs=1e-3)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="leak"):
+            DEQReg(2, leak=bad)

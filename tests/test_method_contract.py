@@ -73,15 +73,15 @@ LEGACY = {
     # + the recipe options added later (damping, jac_weight, jac_eps); configs saved before them (the shipped
     # checkpoints of that time) lack them and rebuild with their defaults, the paper's undamped solve
     "deqreg": {"ndim": 2, "T": 48, "S": 3, "gamma": 0.5, "K": 3, "tau": 0.5, "solver": "fixed_point", "tol": 1e-3,
-               "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2},
+               "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2, "leak": 0.0},
     "deqreg12": {"ndim": 2, "T": 12, "S": 0, "gamma": 0.5, "K": 3, "tau": 0.5, "solver": "fixed_point",
-                 "tol": 1e-3, "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2},
+                 "tol": 1e-3, "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2, "leak": 0.0},
 }
 OPTIONS = {"voxelmorph": {}, "unrolling": {"T": 5}, "unrolling_ml": {"levels": 2, "steps_per_level": 4},
            "gradirn": {"levels": 2, "steps_per_level": 2, "eta_init": 0.5},
            "riir": {"T": 4, "hidden": 8, "use_grad": False},
            "deqreg": {"T": 10, "S": 2, "gamma": 1, "K": 2, "tau": 0.25, "solver": "anderson", "tol": 1e-4,
-                      "damping": 0.5, "jac_weight": 0.1, "jac_eps": 0.05},
+                      "damping": 0.5, "jac_weight": 0.1, "jac_eps": 0.05, "leak": 0.25},
            "deqreg12": {"T": 6, "tol": 0}}
 
 

@@ -105,20 +105,26 @@ class DEQReg(RegistrationMethod):
             derivatives only, so it also runs on CUDA builds without a double backward through ``grid_sample``).
             After Bai, Koltun and Kolter, "Stabilizing Equilibrium Models by Jacobian Regularization" (2021).
         jac_eps: the finite-difference step of that product, in voxels.
+        leak: a fixed restoring term in the update, ``g(phi) = phi + UNet([If, Im o phi, phi]) - leak * phi``
+            (0: the paper's map). It makes the untrained map a contraction (``1 - damping * leak`` in every
+            direction the network ignores), so a constant output no longer piles up over the ``T`` solver steps
+            at the start of training; the network can still place the fixed point anywhere (it sees ``phi``).
     """
 
     name = "deqreg"
 
     def __init__(self, ndim: int, T: int = 48, S: int = 3, gamma: float = 0.5, K: int = 3, tau: float = 0.5,
                  solver: str = "fixed_point", tol: float = 1e-3, damping: float = 1.0, jac_weight: float = 0.0,
-                 jac_eps: float = 1e-2) -> None:
+                 jac_eps: float = 1e-2, leak: float = 0.0) -> None:
         super().__init__(ndim)
-        for name, value in (("jac_weight", jac_weight), ("jac_eps", jac_eps)):
+        for name, value in (("jac_weight", jac_weight), ("jac_eps", jac_eps), ("leak", leak)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not jac_eps > 0:
             raise ValueError(f"jac_eps must be > 0 (voxels), got {jac_eps!r}")
-        self.jac_weight, self.jac_eps = float(jac_weight), float(jac_eps)
+        if leak > 1:
+            raise ValueError(f"leak must be in [0, 1], got {leak!r}")
+        self.jac_weight, self.jac_eps, self.leak = float(jac_weight), float(jac_eps), float(leak)
         self.T = self.trained_steps = check_count(T, "T")
         self.S = check_count(S, "S", low=0)
         self.K = check_count(K, "K")
@@ -133,10 +139,14 @@ class DEQReg(RegistrationMethod):
 
     def update_map(self, fixed: Tensor, moving: Tensor,
                    record: Optional[list[Tensor]] = None) -> Callable[[Tensor], Tensor]:
-        """``g(phi) = phi + UNet([fixed, moving o phi, phi])`` as a closure over the images (``(B, 1, *spatial)``);
-        every output is appended to ``record`` when given."""
+        """``g(phi) = phi + UNet([fixed, moving o phi, phi])`` (``- leak * phi`` with a leak) as a closure over the
+        images (``(B, 1, *spatial)``); every output is appended to ``record`` when given."""
+        leak = self.leak
+
         def g(phi: Tensor) -> Tensor:
             out = residual_step(self.net, fixed, moving, phi)
+            if leak:
+                out = out - leak * phi
             if record is not None:
                 record.append(out.detach())
             return out
@@ -287,9 +297,9 @@ class DEQReg12(DEQReg):
 
     def __init__(self, ndim: int, T: int = 12, S: int = 0, gamma: float = 0.5, K: int = 3, tau: float = 0.5,
                  solver: str = "fixed_point", tol: float = 1e-3, damping: float = 1.0, jac_weight: float = 0.0,
-                 jac_eps: float = 1e-2) -> None:
+                 jac_eps: float = 1e-2, leak: float = 0.0) -> None:
         super().__init__(ndim, T=T, S=S, gamma=gamma, K=K, tau=tau, solver=solver, tol=tol, damping=damping,
-                         jac_weight=jac_weight, jac_eps=jac_eps)
+                         jac_weight=jac_weight, jac_eps=jac_eps, leak=leak)
 
 
 def deqreg12(ndim: int, **kwargs) -> DEQReg12:
