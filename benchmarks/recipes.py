@@ -17,7 +17,9 @@ Recipes (``RECIPES``):
 * ``paper``: the paper's settings: undamped fixed-point solve, phantom gradient with tau = 0.5;
 * ``damped``: the solve iterates the damped map that the phantom gradient unrolls (``damping = tau = 0.5``);
 * ``damped_jac``: ``damped`` plus a Jacobian penalty (weight 1) on the iteration map at ``phi*``;
-* ``paper_jac``: ``paper`` plus the same penalty on the undamped map.
+* ``paper_jac``: ``paper`` plus the same penalty on the undamped map;
+* ``damped_leak``: ``damped`` with a fixed restoring term, ``g(phi) = phi + UNet(...) - 0.5 phi``;
+* ``damped_leak_jac``: ``damped_leak`` plus the Jacobian penalty with weight 0.1.
 
     python benchmarks/recipes.py --recipe damped --iterations 600       # writes results/recipes/damped.json
     python benchmarks/recipes.py --recipe damped --iterations 900 --resume
@@ -51,6 +53,8 @@ RECIPES: dict[str, dict] = {
     "damped": {"damping": 0.5},
     "damped_jac": {"damping": 0.5, "jac_weight": 1.0},
     "paper_jac": {"jac_weight": 1.0},
+    "damped_leak": {"damping": 0.5, "leak": 0.5},
+    "damped_leak_jac": {"damping": 0.5, "leak": 0.5, "jac_weight": 0.1},
 }
 
 
