@@ -110,7 +110,8 @@ def _zero_disp(image: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 def deformation_explorer(image: Tensor, seg: Tensor | None = None, *, strength: float = 2.0,
                          max_strength: float = 16.0, smoothness: float = 8.0, steps: int = 7, seed: int = 0,
-                         grid_step: int = 6, show: bool = True) -> W.interactive:
+                         grid_step: int = 6, label_names: Mapping[int, str] | None = None,
+                         show: bool = True) -> W.interactive:
     """Explore random smooth deformations of ``image``, and watch folding appear as their strength grows.
 
     The displacement is :func:`deqreg_lite.datasets.synthetic.random_deformation`: a smooth random velocity of
@@ -124,6 +125,7 @@ def deformation_explorer(image: Tensor, seg: Tensor | None = None, *, strength: 
         strength, smoothness, steps, seed: initial slider values (see ``random_deformation``).
         max_strength: the strength slider's upper end, in voxels.
         grid_step: spacing of the drawn grid lines, in voxels.
+        label_names: label id -> name, for a colour key on the label panels (e.g. ``sample["label_names"]``).
         show: draw the figure (``False`` computes the numbers only).
     Returns:
         The :class:`ipywidgets.interactive`; ``.result`` holds ``strength``, ``smoothness``, ``steps``, ``seed``,
@@ -149,8 +151,9 @@ def deformation_explorer(image: Tensor, seg: Tensor | None = None, *, strength: 
                 show_image(axes[0], image, "original")
                 show_image(axes[1], warped, "warped: image(x + u(x))")
             else:
-                show_labels(axes[0], image, seg, "original")
-                show_labels(axes[1], warped, warp(seg, disp, mode="nearest"), "warped: image(x + u(x))")
+                show_labels(axes[0], image, seg, "original", names=label_names)
+                show_labels(axes[1], warped, warp(seg, disp, mode="nearest"), "warped: image(x + u(x))",
+                            names=label_names)
             plot_grid(axes[2], disp, step=grid_step, title="deformed grid x + u(x)")
             im = plot_jacobian(axes[3], disp, title=f"det J: min {out['jac_min']:.2f}, max {out['jac_max']:.2f}")
             fig.colorbar(im, ax=axes[3], shrink=0.8)
@@ -336,7 +339,7 @@ def iteration_stepper(sample: Mapping[str, Any], result: RegistrationResult, *, 
             fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
             if "fixed_seg" in sample and "moving_seg" in sample:
                 show_labels(axes[0], warped, warp(sample["moving_seg"], disp, mode="nearest"),
-                            "warped moving + its labels")
+                            "warped moving + its labels", names=sample.get("label_names"))
             else:
                 show_image(axes[0], warped, "warped moving")
             plot_grid(axes[1], disp, title="deformed grid")

@@ -37,7 +37,9 @@
 # **Prerequisites.** Notebook `00` (warping, the Jacobian determinant, Dice and folding). From maths: gradients and
 # the chain rule, and the idea of gradient descent; correlation of two signals.
 #
-# **Study time.** About STUDY_01.
+# **Study time.** About 80 minutes: running every cell in the default mode took 94 s (measured once, on a 2-core
+# CPU that was busy with two training jobs; quick mode, `DEQREG_MODE=quick`, runs in under a minute), and reading,
+# the explorer and the four exercises take about 60-90 minutes (an estimate).
 #
 # **Notation.** One notation for the whole series (notebooks 00-08):
 #
@@ -349,7 +351,16 @@ plt.show()
 # %% [markdown]
 # A small λ lets the field chase every intensity difference, including those that are not anatomy (the two scans
 # differ in contrast and noise), and it folds; a large λ keeps the field smooth but stops it from moving far enough.
-# SWEEP_NOTE
+# Measured in the default mode when this notebook was written (2 levels x 150 Adam iterations; identity: Dice 0.474):
+#
+# | λ | 0.3 | 1 | 3 | 10 | 30 |
+# |---|---|---|---|---|---|
+# | mean Dice | 0.712 | 0.683 | 0.651 | 0.581 | 0.535 |
+# | folding % | 6.21 | 2.57 | 0.22 | 0.00 | 0.00 |
+#
+# With displacements in voxels, λ = 1 still folds 2.6 % of the pixels on this inter-subject pair; λ = 3 keeps 0.177
+# of the 0.238 Dice gain of λ = 0.3 with folding under 0.25 %, which is why sections 4-5 use it. One pair, one
+# optimiser budget: on other pairs the best λ moves.
 #
 # ## 7. Step through the optimisation
 #

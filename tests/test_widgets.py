@@ -213,6 +213,11 @@ def test_show_labels_draws_a_colour_key(sample):
     plt.close(fig)
 
 
+def test_deformation_explorer_keys_its_label_colours(sample, drawn):
+    widgets.deformation_explorer(sample["moving"], sample["moving_seg"], label_names={1: "a", 2: "b"})
+    assert drawn[-1]["legends"] == ["a", "b", "a", "b"]  # original and warped label panels
+
+
 def test_prediction_explorer_moves_over_pairs_and_models(sample):
     from deqreg_lite.methods.baselines import identity_method
 
