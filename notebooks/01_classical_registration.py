@@ -460,6 +460,13 @@ assert dices[1] > dices[0] + 0.02, "two levels should beat one at the same total
 # close section 4's result is: compare $\|\nabla E\|$ at `result.disp` with $\|\nabla E\|$ at $u = 0$, and the
 # relative residual $\|G(u) - u\| / \|u\|$ with the GD step $\eta$ of section 2. (DEQReg will replace $G$ by a
 # learned update map $g_\theta$ and solve for *its* fixed point.)
+#
+# <details><summary>Hint</summary>
+#
+# `objective.grad(fixed, moving, u)` is $\nabla E(u)$, and $G(u) - u = -\eta\nabla E(u)$, so the residual is
+# `eta * grad.norm() / u.norm()`; `eta` is still defined from section 2.
+#
+# </details>
 
 # %% tags=["exercise"]
 grad_ratio, residual = None, None  # TODO: use objective.grad(fixed, moving, u) and eta
