@@ -261,8 +261,9 @@ else:
 # The loss is noisy (every iteration sees a different pair) and falls slowly. In the default-mode run made for this
 # notebook, the logged loss (a mean over 10 iterations) went from 0.789 at iteration 100 to 0.528 at 600, and the
 # model reached a Dice of 0.632 on the shipped pair (pretrained, 1500 iterations: 0.652; identity: 0.474) after 98 s
-# of training, about 160 ms per iteration on a CPU busy with two other training jobs. This is the price of amortisation: training is expensive once (the paper trains for 100 epochs, on 3D
-# volumes, on a GPU), inference is cheap ever after. Caveat: one training run, one seed, 600 iterations; a longer
+# of training, about 160 ms per iteration on a CPU busy with two other training jobs. This is the price of
+# amortisation: training is expensive once (the paper trains for 100 epochs, on 3D volumes, on a GPU), inference is
+# cheap ever after. Caveat: one training run, one seed, 600 iterations; a longer
 # run or another seed gives other numbers.
 #
 # ## 5. Held-out pairs
@@ -441,8 +442,9 @@ assert loss_after < loss_before and m_tuned["dice"] > vm["dice"]
 # %% [markdown]
 # Measured when this notebook was written: the loss on this pair fell from 0.415 to 0.384, and its Dice rose from
 # 0.652 to 0.674 (folding 0.16 -> 0.18 %), in 2.5 s against 11.0 s for the classical registration on the same busy
-# machine; on the 8 other validation pairs the mean Dice went from 0.601 to 0.613. The loss is the same energy that the classical optimiser minimises, so this *is* an optimisation, of the
-# weights rather than of $u$: you are back to paying per pair. The other pairs are deformations of the same two
+# machine; on the 8 other validation pairs the mean Dice went from 0.601 to 0.613. The loss is the same energy that
+# the classical optimiser minimises, so this *is* an optimisation, of the weights rather than of $u$: you are back
+# to paying per pair. The other pairs are deformations of the same two
 # brains, so adapting to this pair need not hurt them; testing on other subjects is where over-fitting to one pair
 # would show.
 #
