@@ -58,7 +58,6 @@
 # The paper writes $\phi$ for the displacement too: **the paper's $\phi$ is our $u$**.
 
 # %%
-# %%
 # Colab only: fetch the repository and install the package. In a local checkout this cell does nothing.
 import os
 import subprocess

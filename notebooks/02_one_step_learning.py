@@ -61,7 +61,6 @@
 # The paper writes $\phi$ for the displacement too: **the paper's $\phi$ is our $u$**.
 
 # %%
-# %%
 # Colab only: fetch the repository and install the package. In a local checkout this cell does nothing.
 import os
 import subprocess
@@ -154,8 +153,8 @@ assert disp.shape == (1, 2, *fixed.shape[2:])
 
 # %% [markdown]
 # **Predict.** The network was trained on generated pairs, never on this exact pair, and runs once; the optimiser
-# works on this pair alone for 2 x 150 iterations. Which one reaches the higher Dice? How many times faster do you
-# expect the network to be?
+# works on this pair alone for hundreds of iterations (2 x 150 in the default mode). Which one reaches the higher
+# Dice? How many times faster do you expect the network to be?
 
 # %%
 classical = register(fixed, moving, lam=LAM_CLASSICAL, iterations=CLASSICAL_ITERATIONS, levels=2)
