@@ -1,11 +1,12 @@
 """Matplotlib figures for registration results. 3D inputs are shown as their middle slice along axis 0."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
+from matplotlib.patches import Patch
 from torch import Tensor
 
 from .metrics import jacobian_det
@@ -39,14 +40,20 @@ def show_image(ax, image: Tensor, title: str = "", cmap: str = "gray", **kw) -> 
     ax.set_axis_off()
 
 
-def show_labels(ax, image: Tensor, seg: Tensor, title: str = "", alpha: float = 0.4) -> None:
-    """Image with its label map overlaid."""
+def show_labels(ax, image: Tensor, seg: Tensor, title: str = "", alpha: float = 0.4,
+                names: Mapping[int, str] | None = None) -> None:
+    """Image with its label map overlaid. ``names`` (label id -> name) adds a colour key (legend) for those ids."""
     ax.imshow(to_2d(image), cmap="gray")
     lab = to_2d(seg).astype(float)
     # one fixed colour per label id (tab10 for up to 9 labels, tab20 beyond), so labels 1-3 differ clearly
     cmap, top = ("tab10", 10) if lab.max() < 10 else ("tab20", 20)
     ax.imshow(np.ma.masked_where(lab == 0, lab % top), cmap=cmap, vmin=0, vmax=top - 1, alpha=alpha,
               interpolation="nearest")
+    if names:
+        colours = plt.get_cmap(cmap)
+        handles = [Patch(facecolor=colours((int(i) % top) / (top - 1)), alpha=max(alpha, 0.6), label=str(n))
+                   for i, n in sorted(names.items()) if int(i) != 0]
+        ax.legend(handles=handles, loc="lower right", fontsize="small", framealpha=0.8)
     ax.set_title(title)
     ax.set_axis_off()
 
@@ -69,23 +76,37 @@ def plot_grid(ax, disp: Tensor, step: int = 6, title: str = "deformation grid", 
     ax.set_axis_off()
 
 
-def plot_jacobian(ax, disp: Tensor, title: str = "Jacobian determinant", vmax: float = 2.0):
-    """Jacobian determinant map (blue < 1 < red), with folded voxels (J <= 0) in black. Returns the image."""
+def plot_jacobian(ax, disp: Tensor, title: str = "Jacobian determinant", vmax: float = 2.0,
+                  colorbar: bool = False):
+    """Jacobian determinant map (blue < 1 < red), with folded voxels (J <= 0) in black. Returns the image.
+
+    The colour scale starts at 0: every J <= 0 is drawn black, and a colour bar of the image (``colorbar=True``, or
+    ``fig.colorbar(im)``) shows black below 0 as its "under" end, so the map and its colour bar agree.
+    """
     jac = jacobian_det(disp)[:, None]
     j = to_2d(jac)
-    im = ax.imshow(j, cmap="RdBu_r", norm=TwoSlopeNorm(vcenter=1.0, vmin=min(0.0, j.min()), vmax=max(vmax, j.max())))
-    folded = np.ma.masked_where(j > 0, np.ones_like(j))
+    cmap = plt.get_cmap("RdBu_r").with_extremes(under="black")
+    cmap.colorbar_extend = "min"  # the colour bar draws the black "J <= 0" end as a triangle below 0
+    im = ax.imshow(j, cmap=cmap, norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=max(vmax, float(j.max()))))
+    folded = np.ma.masked_where(j > 0, np.ones_like(j))  # J == 0 exactly would sit at the scale's end: black too
     ax.imshow(folded, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title)
     ax.set_axis_off()
+    if colorbar:
+        cb = ax.figure.colorbar(im, ax=ax, shrink=0.8)
+        cb.set_label("det J (black: J <= 0, folded)")
     return im
 
 
 def plot_trace(ax, trace: dict[str, Sequence[float]], keys: Sequence[str] = ("energy", "similarity", "regulariser"),
-               logy: bool = False, title: str = "convergence") -> None:
+               logy: bool = False, title: str = "convergence", labels: Mapping[str, str] | None = None,
+               start: int = 1) -> None:
+    """Curves of ``trace[key]`` against the iteration, the first entry at x = ``start``; ``labels`` renames keys in
+    the legend (e.g. ``{"similarity": "1 - LNCC"}``: the trace's "similarity" is a dissimilarity, lower is better)."""
+    labels = labels or {}
     for k in keys:
         if k in trace and len(trace[k]):
-            ax.plot(np.arange(1, len(trace[k]) + 1), trace[k], label=k)
+            ax.plot(np.arange(start, start + len(trace[k])), trace[k], label=labels.get(k, k))
     ax.set_xlabel("iteration")
     if logy:
         ax.set_yscale("log")

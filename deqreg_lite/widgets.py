@@ -20,11 +20,14 @@ Widgets:
 * :func:`classical_explorer`: classical registration (:func:`deqreg_lite.classical.register`) with sliders for
   λ, the step size, the iterations, the resolution levels and the optimizer; figure, convergence curve, Dice, folding.
 * :func:`iteration_stepper`: a slider over the recorded ``result.states`` of a registration, to step through it.
+* :func:`prediction_explorer`: a slider over pairs (and a menu over models) showing a one-shot prediction of a
+  learned method (e.g. VoxelMorph), with its Dice against the identity's.
 """
 from __future__ import annotations
 
 import html
 import io
+import time
 from typing import Any, Mapping
 
 import ipywidgets as W
@@ -34,14 +37,14 @@ from torch import Tensor
 from ._checks import check_image
 from .classical import DEFAULT_ADAM_LR, RegistrationDivergedError, default_gd_lr, register
 from .datasets.synthetic import random_deformation
-from .evaluate import pair_metrics
+from .evaluate import as_method, pair_metrics
 from .losses import Objective, diffusion
 from .metrics import folding_percent, jacobian_det
 from .result import RegistrationResult
 from .viz import plot_grid, plot_jacobian, plot_trace, registration_figure, show_image, show_labels
 from .warp import warp
 
-__all__ = ["deformation_explorer", "classical_explorer", "iteration_stepper", "control"]
+__all__ = ["deformation_explorer", "classical_explorer", "iteration_stepper", "prediction_explorer", "control"]
 
 _STYLE = {"description_width": "initial"}
 _WIDE = W.Layout(width="420px")
@@ -71,6 +74,13 @@ def _render(fig, image: W.Image, dpi: int = 80) -> None:
     finally:
         plt.close(fig)
     image.value = buf.getvalue()
+    image.layout.display = None
+
+
+def _hide(image: W.Image) -> None:
+    """Hide ``image`` (nothing to show): an empty PNG would show the browser's broken-image icon."""
+    image.value = b""
+    image.layout.display = "none"
 
 
 def _finish(widget: W.interactive, images: list[W.Image], text: W.HTML | None = None) -> W.interactive:
@@ -100,7 +110,8 @@ def _zero_disp(image: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 def deformation_explorer(image: Tensor, seg: Tensor | None = None, *, strength: float = 2.0,
                          max_strength: float = 16.0, smoothness: float = 8.0, steps: int = 7, seed: int = 0,
-                         grid_step: int = 6, show: bool = True) -> W.interactive:
+                         grid_step: int = 6, label_names: Mapping[int, str] | None = None,
+                         show: bool = True) -> W.interactive:
     """Explore random smooth deformations of ``image``, and watch folding appear as their strength grows.
 
     The displacement is :func:`deqreg_lite.datasets.synthetic.random_deformation`: a smooth random velocity of
@@ -114,6 +125,7 @@ def deformation_explorer(image: Tensor, seg: Tensor | None = None, *, strength: 
         strength, smoothness, steps, seed: initial slider values (see ``random_deformation``).
         max_strength: the strength slider's upper end, in voxels.
         grid_step: spacing of the drawn grid lines, in voxels.
+        label_names: label id -> name, for a colour key on the label panels (e.g. ``sample["label_names"]``).
         show: draw the figure (``False`` computes the numbers only).
     Returns:
         The :class:`ipywidgets.interactive`; ``.result`` holds ``strength``, ``smoothness``, ``steps``, ``seed``,
@@ -139,8 +151,9 @@ def deformation_explorer(image: Tensor, seg: Tensor | None = None, *, strength: 
                 show_image(axes[0], image, "original")
                 show_image(axes[1], warped, "warped: image(x + u(x))")
             else:
-                show_labels(axes[0], image, seg, "original")
-                show_labels(axes[1], warped, warp(seg, disp, mode="nearest"), "warped: image(x + u(x))")
+                show_labels(axes[0], image, seg, "original", names=label_names)
+                show_labels(axes[1], warped, warp(seg, disp, mode="nearest"), "warped: image(x + u(x))",
+                            names=label_names)
             plot_grid(axes[2], disp, step=grid_step, title="deformed grid x + u(x)")
             im = plot_jacobian(axes[3], disp, title=f"det J: min {out['jac_min']:.2f}, max {out['jac_max']:.2f}")
             fig.colorbar(im, ax=axes[3], shrink=0.8)
@@ -187,8 +200,9 @@ def classical_explorer(sample: Mapping[str, Any], *, lam: float = 1.0, lr: float
     Returns:
         The :class:`ipywidgets.interactive`; ``.result`` holds the options, ``dice`` and ``dice_identity``
         (when the sample has labels), ``folding_pct``, ``sdlogj``, ``diffusion`` (the regulariser of the final
-        field, voxels²), ``energy`` (final), ``time_s`` and ``diverged``. ``.registration`` is the last
-        :class:`~deqreg_lite.result.RegistrationResult` (``None`` after a divergence).
+        field, voxels²), ``energy`` (final; with 0 iterations the energy of the unchanged field), ``time_s`` and
+        ``diverged``. ``.registration`` is the last :class:`~deqreg_lite.result.RegistrationResult` (``None``
+        after a divergence). The curve's legend names the similarity term a dissimilarity (``1 - LNCC``).
     """
     _check_sample(sample)
     fixed, moving = sample["fixed"], sample["moving"]
@@ -196,6 +210,11 @@ def classical_explorer(sample: Mapping[str, Any], *, lam: float = 1.0, lr: float
     holder: dict[str, W.interactive] = {}
     pictures = [_new_image(), _new_image()]
     text = W.HTML()
+    # the trace's "similarity" is the dissimilarity L_sim that is minimised (lower is better): say so in the legend
+    dissim = "dissimilarity 1 - LNCC" if similarity == "lncc" else "dissimilarity MSE"
+
+    def objective(lam: float) -> Objective:
+        return Objective(similarity, "diffusion", lam)
 
     def update(lam: float, lr: float, iterations: int, levels: int, optimizer: str) -> dict[str, Any]:
         out: dict[str, Any] = {"lam": float(lam), "lr": float(lr), "iterations": int(iterations),
@@ -210,7 +229,7 @@ def classical_explorer(sample: Mapping[str, Any], *, lam: float = 1.0, lr: float
                 holder["widget"].registration = None
             text.value = f"<b>diverged</b>: {html.escape(str(err))}"
             for picture in pictures:
-                picture.value = b""
+                _hide(picture)
             return {**out, "diverged": True}
         if "widget" in holder:
             holder["widget"].registration = res
@@ -219,7 +238,9 @@ def classical_explorer(sample: Mapping[str, Any], *, lam: float = 1.0, lr: float
         m = pair_metrics(sample, res.disp)
         out.update({k: m[k] for k in ("dice", "folding_pct", "sdlogj") if k in m})
         out["diffusion"] = float(diffusion(res.disp))
-        out["energy"] = res.trace["energy"][-1] if res.trace["energy"] else float("nan")
+        # The trace holds the energy before each step; with 0 iterations nothing ran, so score the field itself.
+        out["energy"] = (res.trace["energy"][-1] if res.trace["energy"]
+                         else float(objective(lam).energy(fixed, moving, res.disp)))
         out["time_s"] = res.time
         if show:
             score = f"Dice {identity['dice']:.3f} -> {m['dice']:.3f}, " if "dice" in m else ""
@@ -229,16 +250,17 @@ def classical_explorer(sample: Mapping[str, Any], *, lam: float = 1.0, lr: float
             _render(fig, pictures[0])
             if res.trace["energy"]:
                 fig, ax = plt.subplots(1, 2, figsize=(11, 3.2), constrained_layout=True)
-                plot_trace(ax[0], res.trace, keys=("energy", "similarity"), title="energy and 1 - LNCC"
-                           if similarity == "lncc" else "energy and MSE")
+                plot_trace(ax[0], res.trace, keys=("energy", "similarity"), labels={"similarity": dissim},
+                           title=f"energy and {dissim} (both fall)")
                 plot_trace(ax[1], res.trace, keys=("regulariser",), title="regulariser (diffusion, vx²)")
                 for a in ax:
                     _mark_levels(a, res.info["iterations"])
                 _render(fig, pictures[1])
             else:
-                pictures[1].value = b""
+                _hide(pictures[1])
         dice = f"Dice {out['dice_identity']:.3f} &rarr; <b>{out['dice']:.3f}</b>, " if "dice" in out else ""
-        text.value = (f"{dice}folding <b>{out['folding_pct']:.2f} %</b>, SDlogJ {out['sdlogj']:.3f}, "
+        ran = "" if res.trace["energy"] else "0 iterations: no optimisation ran (the identity, u = 0); "
+        text.value = (f"{ran}{dice}folding <b>{out['folding_pct']:.2f} %</b>, SDlogJ {out['sdlogj']:.3f}, "
                       f"final energy {out['energy']:.4f}, {res.time:.2f} s")
         return out
 
@@ -262,12 +284,12 @@ def classical_explorer(sample: Mapping[str, Any], *, lam: float = 1.0, lr: float
     return _finish(widget, pictures, text)
 
 
-def _mark_levels(ax, iterations: list[int]) -> None:
-    """Dotted vertical lines where a finer resolution level starts."""
-    start = 0
+def _mark_levels(ax, iterations: list[int], start: int = 1) -> None:
+    """Dotted vertical lines where a finer resolution level starts (trace plotted from x = ``start``)."""
+    done = 0
     for n in iterations[:-1]:
-        start += n
-        ax.axvline(start + 0.5, color="gray", ls=":", lw=1)
+        done += n
+        ax.axvline(done + start - 0.5, color="gray", ls=":", lw=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,8 +308,10 @@ def iteration_stepper(sample: Mapping[str, Any], result: RegistrationResult, *, 
         result: a :class:`~deqreg_lite.result.RegistrationResult` with non-empty ``states``.
         show: draw the figure (``False`` computes the numbers only).
     Returns:
-        The :class:`ipywidgets.interactive`; ``.result`` holds ``index``, ``iteration``, ``dice`` (with labels),
-        ``folding_pct`` and ``energy`` of the state shown.
+        The :class:`ipywidgets.interactive`; ``.result`` holds ``index``, ``iteration`` (of the finest level, the
+        slider's readout), ``iteration_total`` and ``iterations_total`` (over all levels: the figure's count and
+        the x of its dot on the energy curve), ``dice`` (with labels), ``folding_pct`` and ``energy`` of the state
+        shown.
     """
     _check_sample(sample)
     if not result.states:
@@ -306,8 +330,8 @@ def iteration_stepper(sample: Mapping[str, Any], result: RegistrationResult, *, 
         disp = result.states[index].to(fixed.device)
         m = pair_metrics(sample, disp)
         energy = float(objective.energy(fixed, moving, disp))
-        out = {"index": int(index), "iteration": int(steps[index]), "folding_pct": m["folding_pct"],
-               "energy": energy}
+        out = {"index": int(index), "iteration": int(steps[index]), "iteration_total": offset + int(steps[index]),
+               "iterations_total": offset + its[-1], "folding_pct": m["folding_pct"], "energy": energy}
         if "dice" in m:
             out["dice"] = m["dice"]
         if show:
@@ -315,18 +339,21 @@ def iteration_stepper(sample: Mapping[str, Any], result: RegistrationResult, *, 
             fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), constrained_layout=True)
             if "fixed_seg" in sample and "moving_seg" in sample:
                 show_labels(axes[0], warped, warp(sample["moving_seg"], disp, mode="nearest"),
-                            "warped moving + its labels")
+                            "warped moving + its labels", names=sample.get("label_names"))
             else:
                 show_image(axes[0], warped, "warped moving")
             plot_grid(axes[1], disp, title="deformed grid")
             im = plot_jacobian(axes[2], disp, title=f"det J, folding {m['folding_pct']:.2f} %")
             fig.colorbar(im, ax=axes[2], shrink=0.8)
-            plot_trace(axes[3], result.trace, keys=("energy",), title="energy (all levels)")
-            _mark_levels(axes[3], its)
-            axes[3].plot([offset + steps[index] + 1], [energy], "o", color="C3", label="this state")
+            # x = iterations done so far over all levels: the trace's entry k is the energy after k steps
+            plot_trace(axes[3], result.trace, keys=("energy",), title="energy (all levels)", start=0)
+            axes[3].set_xlabel("iteration (all levels)")
+            _mark_levels(axes[3], its, start=0)
+            axes[3].plot([out["iteration_total"]], [energy], "o", color="C3", label="this state")
             axes[3].legend()
             dice = f"Dice {m['dice']:.3f}, " if "dice" in m else ""
-            fig.suptitle(f"iteration {steps[index]} of {its[-1]} (finest level): {dice}"
+            finest = f" ({steps[index]} of {its[-1]} at the finest level)" if offset else ""
+            fig.suptitle(f"iteration {out['iteration_total']} of {out['iterations_total']}{finest}: {dice}"
                          f"folding {m['folding_pct']:.2f} %, energy {energy:.4f}")
             _render(fig, picture)
         return out
@@ -334,7 +361,73 @@ def iteration_stepper(sample: Mapping[str, Any], result: RegistrationResult, *, 
     options = [(str(s), i) for i, s in enumerate(steps)]
     widget = W.interactive(
         update,
-        index=W.SelectionSlider(options=options, value=len(options) - 1, description="iteration",
+        index=W.SelectionSlider(options=options, value=len(options) - 1, description="iteration (finest level)",
                                 style=_STYLE, layout=_WIDE, continuous_update=True),
     )
     return _finish(widget, [picture])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prediction explorer
+# ---------------------------------------------------------------------------------------------------------------
+def prediction_explorer(methods: Any, pairs: Any, *, index: int = 0, show: bool = True) -> W.interactive:
+    """Browse one-shot predictions: a slider picks a pair of ``pairs``, a menu a model of ``methods``.
+
+    Each change runs the model once on the pair (through :func:`deqreg_lite.evaluate.as_method`: eval mode, no
+    gradients), scores it with :func:`deqreg_lite.evaluate.pair_metrics` (no HD95, to stay fast) next to the
+    identity, and shows :func:`deqreg_lite.viz.registration_figure`.
+
+    Args:
+        methods: a method (a ``RegistrationMethod`` or a callable ``f(fixed, moving)``), or a dict name -> method.
+        pairs: a list of sample dicts (``fixed``, ``moving``, optionally ``fixed_seg``, ``moving_seg``, ``labels``).
+        index: the pair shown first.
+        show: draw the figure (``False`` computes the numbers only).
+    Returns:
+        The :class:`ipywidgets.interactive`; ``.result`` holds ``pair``, ``model``, ``dice`` and ``dice_identity``
+        (when the pair has labels), ``folding_pct`` and ``time_s`` (the model call).
+    """
+    if not isinstance(methods, Mapping):
+        methods = {getattr(methods, "name", None) or type(methods).__name__: methods}
+    if not methods:
+        raise ValueError("methods is empty: pass a method or a dict name -> method")
+    calls = {str(name): as_method(m) for name, m in methods.items()}
+    pairs = [pairs] if isinstance(pairs, Mapping) else list(pairs)
+    if not pairs:
+        raise ValueError("pairs is empty: pass a list of sample dicts")
+    for sample in pairs:
+        _check_sample(sample)
+    if not 0 <= index < len(pairs):
+        raise ValueError(f"index must be in [0, {len(pairs) - 1}], got {index}")
+    picture = _new_image()
+    text = W.HTML()
+
+    def update(pair: int, model: str) -> dict[str, Any]:
+        sample = pairs[pair]
+        fixed, moving = sample["fixed"], sample["moving"]
+        t0 = time.perf_counter()
+        disp = calls[model](fixed, moving).disp
+        elapsed = time.perf_counter() - t0
+        m = pair_metrics(sample, disp, with_hd95=False)
+        out: dict[str, Any] = {"pair": int(pair), "model": model, "folding_pct": m["folding_pct"],
+                               "time_s": elapsed}
+        if "dice" in m:
+            out["dice"] = m["dice"]
+            out["dice_identity"] = pair_metrics(sample, _zero_disp(fixed), with_hd95=False)["dice"]
+        dice = (f"Dice {out['dice_identity']:.3f} &rarr; <b>{out['dice']:.3f}</b>, " if "dice" in out else "")
+        text.value = f"pair {pair}, {html.escape(model)}: {dice}folding <b>{out['folding_pct']:.2f} %</b>, " \
+                     f"{1000 * elapsed:.0f} ms"
+        if show:
+            score = f"Dice {out['dice_identity']:.3f} -> {out['dice']:.3f}, " if "dice" in out else ""
+            fig = registration_figure(fixed, moving, disp, title=f"pair {pair}, {model}, one pass: {score}"
+                                                                 f"folding {out['folding_pct']:.2f} %")
+            _render(fig, picture)
+        return out
+
+    names = list(calls)
+    widget = W.interactive(
+        update,
+        pair=W.IntSlider(value=index, min=0, max=len(pairs) - 1, description="pair", style=_STYLE, layout=_WIDE,
+                         continuous_update=False),
+        model=W.Dropdown(options=names, value=names[0], description="model", style=_STYLE),
+    )
+    return _finish(widget, [picture], text)

@@ -124,3 +124,115 @@ def test_iteration_stepper_needs_states(sample):
     res = register(sample["fixed"], sample["moving"], iterations=2)
     with pytest.raises(ValueError, match="record_every"):
         widgets.iteration_stepper(sample, res)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 11: what a student saw in the browser
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def drawn(monkeypatch):
+    """Capture, from every figure a widget renders, its suptitle, legend texts and the lines of each axes."""
+    seen = []
+    render = widgets._render
+
+    def spy(fig, image, dpi=80):
+        seen.append({"suptitle": fig._suptitle.get_text() if fig._suptitle else "",
+                     "legends": [t.get_text() for ax in fig.axes if ax.get_legend()
+                                 for t in ax.get_legend().get_texts()],
+                     "lines": [[(ln.get_label(), list(ln.get_xdata())) for ln in ax.get_lines()]
+                               for ax in fig.axes]})
+        render(fig, image, dpi)
+
+    monkeypatch.setattr(widgets, "_render", spy)
+    return seen
+
+
+def test_classical_explorer_calls_one_minus_lncc_a_dissimilarity(sample, drawn):
+    widgets.classical_explorer(sample, iterations=10, levels=1)
+    legends = drawn[-1]["legends"]
+    assert "similarity" not in legends, "the falling 1 - LNCC curve was labelled 'similarity'"
+    assert any("1 - LNCC" in t and "dissimilarity" in t for t in legends), legends
+
+
+def test_classical_explorer_handles_zero_iterations(sample):
+    from deqreg_lite.losses import Objective
+
+    w = widgets.classical_explorer(sample, lam=1.0, iterations=10, levels=1)
+    widgets.control(w, "iterations").value = 0
+    r = w.result
+    assert r["iterations"] == 0 and not r["diverged"]
+    zero = torch.zeros(1, 2, *SHAPE)
+    assert r["energy"] == pytest.approx(float(Objective("lncc", "diffusion", 1.0).energy(
+        sample["fixed"], sample["moving"], zero)), rel=1e-5), "0 iterations showed 'final energy nan'"
+    assert "nan" not in w.text.value
+    for image in w.images:  # an empty PNG left on show is a broken-image icon
+        assert bytes(image.value).startswith(PNG) or image.layout.display == "none"
+    widgets.control(w, "iterations").value = 10  # the curve comes back
+    assert all(bytes(im.value).startswith(PNG) and im.layout.display != "none" for im in w.images)
+
+
+def test_iteration_stepper_count_agrees_with_its_x_axis(sample, drawn):
+    res = register(sample["fixed"], sample["moving"], lam=1.0, iterations=30, levels=2, record_every=10)
+    w = widgets.iteration_stepper(sample, res)
+    for index in (len(res.states) - 1, 0):
+        widgets.control(w, "index").value = index
+        fig = drawn[-1]
+        dot = [x for ln in fig["lines"][3] if ln[0] == "this state" for x in ln[1]]
+        shown = int(fig["suptitle"].split("iteration ")[1].split(" of ")[0])
+        assert dot == [shown] == [w.result["iteration_total"]], (fig["suptitle"], dot)
+        energy_x = [xs for label, xs in fig["lines"][3] if label == "energy"][0]
+        assert energy_x[0] == 0 and energy_x[-1] == len(res.trace["energy"]) - 1
+    assert w.result["iteration_total"] == 30 and w.result["iteration"] == 0  # after 30 coarse steps
+    widgets.control(w, "index").value = len(res.states) - 1
+    assert w.result["iteration_total"] == w.result["iterations_total"] == 60 and w.result["iteration"] == 30
+
+
+def test_jacobian_colours_agree_with_the_colour_bar():
+    from matplotlib.colors import to_rgba
+
+    from deqreg_lite import viz
+
+    disp = torch.zeros(1, 2, 20, 20)
+    disp[:, 0] = torch.linspace(0, 60, 20).view(1, 20, 1) * torch.sin(torch.linspace(0, 6, 20)).view(1, 1, 20)
+    fig, ax = plt.subplots()
+    im = viz.plot_jacobian(ax, disp, colorbar=True)
+    cb = im.colorbar
+    assert cb is not None and cb.extend == "min" and "J <= 0" in cb.ax.get_ylabel()
+    assert im.norm.vmin == 0.0, "the colour bar must not show negative J in blue"
+    assert im.cmap(im.norm(-0.5)) == to_rgba("black")  # J < 0 is black in the map and in the bar's end
+    assert im.cmap(im.norm(0.5))[2] > 0.5  # shrinking (0 < J < 1) stays blue
+    plt.close(fig)
+
+
+def test_show_labels_draws_a_colour_key(sample):
+    from deqreg_lite import viz
+
+    fig, ax = plt.subplots()
+    viz.show_labels(ax, sample["moving"], sample["moving_seg"], names={1: "CSF", 2: "GM", 3: "WM"})
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["CSF", "GM", "WM"]
+    plt.close(fig)
+
+
+def test_deformation_explorer_keys_its_label_colours(sample, drawn):
+    widgets.deformation_explorer(sample["moving"], sample["moving_seg"], label_names={1: "a", 2: "b"})
+    assert drawn[-1]["legends"] == ["a", "b", "a", "b"]  # original and warped label panels
+
+
+def test_prediction_explorer_moves_over_pairs_and_models(sample):
+    from deqreg_lite.methods.baselines import identity_method
+
+    other = {**sample, "fixed": sample["moving"], "fixed_seg": sample["moving_seg"]}  # a pair already aligned
+
+    def oracle(fixed, moving):  # a "model" that knows the answer for the first pair
+        return register(fixed, moving, lam=1.0, iterations=30, levels=2).disp
+
+    w = widgets.prediction_explorer({"identity": identity_method, "oracle": oracle}, [sample, other])
+    assert bytes(w.images[0].value).startswith(PNG) and w.text in w.children
+    assert w.result["pair"] == 0 and w.result["model"] == "identity"
+    assert w.result["dice"] == pytest.approx(w.result["dice_identity"])
+    widgets.control(w, "model").value = "oracle"
+    assert w.result["model"] == "oracle" and w.result["dice"] > w.result["dice_identity"] + 0.1
+    widgets.control(w, "pair").value = 1
+    assert w.result["pair"] == 1 and w.result["dice_identity"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="index"):
+        widgets.prediction_explorer(identity_method, [sample], index=3)
