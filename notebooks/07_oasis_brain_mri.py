@@ -431,6 +431,13 @@ if not REAL:
 # neighbour outside it), compute the distances both ways with `scipy.ndimage.distance_transform_edt(~surface,
 # sampling=spacing)`, and report the maximum (HD) and the larger of the two 95th percentiles (HD95). Check HD95
 # against `hd95`.
+#
+# <details><summary>Hint</summary>
+#
+# `distance_transform_edt(~sb, sampling=...)` gives, at every voxel, the distance to the nearest voxel of surface
+# `sb`; index it with `sa` to get the distances from surface `a` to surface `b`.
+#
+# </details>
 
 # %% tags=["exercise"]
 # TODO: surfaces, distances both ways, HD and HD95 for one label

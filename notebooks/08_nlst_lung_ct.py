@@ -471,6 +471,13 @@ assert single.max() > tre1.max() and single.mean() > tre1.mean()
 # pair of section 5 **inside the lungs only**: set every voxel outside the lung mask to 1 (bright) in the fixed
 # image, and outside the *slid* mask (`shifted`) in `moving_slide`, register as in section 5, and compare
 # `slide_errors` inside the lung with section 5's. Why does it help, and what does it leave to do?
+#
+# <details><summary>Hint</summary>
+#
+# `torch.where(lung_m, f_img[0, 0], torch.ones(()))` keeps the lung and makes the rest uniform; reshape back to
+# `(1, 1, D0, D1, D2)` before `register`.
+#
+# </details>
 
 # %% tags=["exercise"]
 # TODO: fixed_lungs, moving_lungs with torch.where(mask, image, 1.0); register; slide_errors(...)
