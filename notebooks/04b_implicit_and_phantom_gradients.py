@@ -420,9 +420,7 @@ assert bptt[-1] > 5 * phantom_mem[-1]
 # `correction_loss(loss_fn, z_star, states, gamma)` builds Eq. 9.
 #
 # **Always exactly $S$ states.** When the solver converges before step $t$, the state is the solver's answer (where
-# the trajectory would have stayed), and `info.n_padded` counts such states. (torchdeq 0.1.0 with
-# `core="indexing"` returns *fewer* states in that case, and silently drops loss terms; the library avoids it.)
-# Our conv map converges in about 10 steps, before the first state at step 12:
+# the trajectory would have stayed), and `info.n_padded` counts such states. Our conv map converges in about 10 steps, before the first state at step 12:
 
 # %%
 print(f"state_steps(48, 3) = {state_steps(48, 3)}")
@@ -608,7 +606,9 @@ assert abs(peak_by_hand / one_graph - 1.0) < 0.01
 #
 # ## Checks (for CI)
 #
-# The phantom widget keeps the numbers it shows in `.result`; setting a slider's value re-runs it.
+# Engineering notes: torchdeq 0.1.0 with `core="indexing"` returns *fewer* than $S$ states when the solver stops
+# early, and silently drops loss terms; the library always returns exactly $S$ (section 4). The phantom widget keeps
+# the numbers it shows in `.result`; setting a slider's value re-runs it, which is how the tests check it.
 
 # %%
 at_k1 = phantom_widget.result
