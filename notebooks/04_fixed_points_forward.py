@@ -305,12 +305,8 @@ assert np.allclose(ratios, mu2.abs().max().item(), rtol=1e-6)
 # guess roughly at which $\tau$ the spiral stops flying out, and whether $\tau = 0.05$ is better or worse than
 # $\tau = 0.45$. Then move the slider.
 #
-# Move $\tau$ and watch three regimes (left: the trajectory from $\mathbf z_0 = (-1, -1)$; right: the eigenvalues in
-# the complex plane, with the segment from $1$ to $\lambda$ along which damping moves them):
-#
-# * $\tau = 1$: $|\mu| = 1.2 > 1$, the spiral flies out: **divergence**;
-# * $\tau \approx 0.9$: $|\mu| \approx 1$, the iterates keep circling: **oscillation**;
-# * $\tau \approx 0.45$: $|\mu| \approx 0.34$, fast **convergence**; smaller $\tau$ converges again more slowly.
+# Left: the trajectory from $\mathbf z_0 = (-1, -1)$; right: the eigenvalues in the complex plane, with the segment
+# from $1$ to $\lambda$ along which damping moves them.
 
 
 # %%
@@ -347,6 +343,14 @@ damping_widget = W.interactive(damping_demo, tau=W.FloatSlider(value=1.0, min=0.
 damping_widget
 
 # %% [markdown]
+# What you should have seen, three regimes:
+#
+# * $\tau = 1$: $|\mu| = 1.2 > 1$, the spiral flies out: **divergence**;
+# * $\tau \approx 0.9$: $|\mu| \approx 1$, the iterates keep circling: **oscillation**;
+# * $\tau \approx 0.45$: $|\mu| \approx 0.34$, fast **convergence**; smaller $\tau$ converges again more slowly.
+#
+# (The section "Checks (for CI)" at the end sets the slider to these values and asserts the three regimes.)
+#
 # ### When the iteration diverges
 #
 # The solvers do not let a divergence pass silently. Four rules, each judged per sample of a batch, raise
