@@ -420,7 +420,8 @@ assert bptt[-1] > 5 * phantom_mem[-1]
 # `correction_loss(loss_fn, z_star, states, gamma)` builds Eq. 9.
 #
 # **Always exactly $S$ states.** When the solver converges before step $t$, the state is the solver's answer (where
-# the trajectory would have stayed), and `info.n_padded` counts such states. Our conv map converges in about 10 steps, before the first state at step 12:
+# the trajectory would have stayed), and `info.n_padded` counts such states. Our conv map converges in about 10 steps,
+# before the first state at step 12:
 
 # %%
 print(f"state_steps(48, 3) = {state_steps(48, 3)}")
