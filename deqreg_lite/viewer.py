@@ -34,11 +34,56 @@ from .metrics import jacobian_det
 from .warp import warp
 
 __all__ = ["three_plane", "deformation_viewer", "comparison_figure", "JACOBIAN_RANGE", "jacobian_colorscale",
-           "display_stride", "plane_slice"]
+           "display_stride", "plane_slice", "plotly_renderer", "ordinal"]
 
 #: the colour range of Jacobian panels: 1 (no volume change) sits in the middle, J <= 0 (folding) is black.
 JACOBIAN_RANGE = (-1.0, 3.0)
 _DEFAULT_NAMES = ("axis 0", "axis 1", "axis 2")
+
+
+#: the environment variable that asks :func:`plotly_renderer` for figures that draw in a static HTML export.
+STATIC_HTML_ENV = "DEQREG_STATIC_HTML"
+
+
+def plotly_renderer(static_html: bool | None = None, *, environ: Mapping[str, str] | None = None,
+                    modules: Mapping | None = None) -> str:
+    """The Plotly renderer name for this environment (set it with ``plotly.io.renderers.default = ...``).
+
+    In order:
+
+    1. ``$PLOTLY_RENDERER`` when set (CI sets ``json``: the figure is stored as data, nothing is drawn);
+    2. ``"notebook"`` when a static HTML export is asked for (``static_html=True``, or ``$DEQREG_STATIC_HTML`` set
+       to anything but ``""``/``0``): plotly.js is embedded in the notebook's output once, so the exported page
+       draws every figure offline and without a kernel;
+    3. ``"colab"`` on Google Colab (``google.colab`` imported, or ``$COLAB_RELEASE_TAG`` set);
+    4. ``"plotly_mimetype"`` everywhere else (JupyterLab, Jupyter Notebook 7, VS Code): the figure goes to the
+       front end as JSON and its Plotly extension (``jupyterlab-plotly``, installed with plotly) draws it, offline.
+       Not ``"notebook_connected"``: it loads plotly.js from a CDN and draws blank when the download is late or
+       impossible.
+
+    ``environ`` and ``modules`` default to ``os.environ`` and ``sys.modules`` (the tests pass their own).
+    """
+    import os
+    import sys
+
+    environ = os.environ if environ is None else environ
+    modules = sys.modules if modules is None else modules
+    if environ.get("PLOTLY_RENDERER"):
+        return environ["PLOTLY_RENDERER"]
+    if static_html is None:
+        static_html = environ.get(STATIC_HTML_ENV, "") not in ("", "0")
+    if static_html:
+        return "notebook"
+    if "google.colab" in modules or "COLAB_RELEASE_TAG" in environ:
+        return "colab"
+    return "plotly_mimetype"
+
+
+def ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ..., ``11th``, ``12th``, ``13th``, ``21st``, ..."""
+    n = int(n)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def jacobian_colorscale(zmin: float = JACOBIAN_RANGE[0], zmax: float = JACOBIAN_RANGE[1]) -> list:
@@ -124,9 +169,13 @@ class _Panel:
 
 def _build(panels: list[_Panel], rows: int, cols: int, spacing: np.ndarray, point: Sequence[int],
            titles: Sequence[str], *, title: str, slab: float, max_steps: int, decimals: int | None,
-           height: int | None, slider_labels: Mapping[int, str], stride: int = 1, row_heights=None) -> go.Figure:
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.06,
-                        vertical_spacing=0.08 if rows > 1 else 0.1, row_heights=row_heights)
+           height: int | None, slider_labels: Mapping[int, str], stride: int = 1, row_heights=None,
+           width: int | None = None, horizontal_spacing: float = 0.08,
+           vertical_spacing: float | None = None) -> go.Figure:
+    if vertical_spacing is None:
+        vertical_spacing = 0.08 if rows > 1 else 0.1
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=horizontal_spacing,
+                        vertical_spacing=vertical_spacing, row_heights=row_heights)
 
     def coords(axis):
         a, b = [k for k in range(3) if k != axis]
@@ -166,14 +215,20 @@ def _build(panels: list[_Panel], rows: int, cols: int, spacing: np.ndarray, poin
                           row=p.row, col=p.col)
             p.traces.append(len(fig.data) - 1)
 
-    # images: equal aspect, rows drawn top to bottom, no grid
+    # images: equal aspect, rows drawn top to bottom, no grid; mm axes labelled with the array axis they show (x on
+    # the bottom row; y on the first column, or on every panel when the columns show different planes)
+    several_planes = len({p.axis for p in panels}) > 1
+    label = dict(font=dict(size=10), standoff=4)
     for i, p in enumerate(panels):
         ref = fig.get_subplot(p.row, p.col)
         xname = ref.xaxis.plotly_name  # "xaxis", "xaxis2", ...
         xanchor = "x" + xname[5:]
-        fig.update_xaxes(showgrid=False, zeroline=False, constrain="domain", row=p.row, col=p.col)
+        a, b = [k for k in range(3) if k != p.axis]
+        fig.update_xaxes(showgrid=False, zeroline=False, constrain="domain", row=p.row, col=p.col,
+                         title=dict(text=f"axis {b} (mm)", **label) if p.row == rows else None)
         fig.update_yaxes(showgrid=False, zeroline=False, autorange="reversed", scaleanchor=xanchor,
-                         scaleratio=1, constrain="domain", row=p.row, col=p.col)
+                         scaleratio=1, constrain="domain", row=p.row, col=p.col,
+                         title=dict(text=f"axis {a} (mm)", **label) if p.col == 1 or several_planes else None)
 
     sliders = []
     axes = sorted({p.axis for p in panels})
@@ -197,13 +252,13 @@ def _build(panels: list[_Panel], rows: int, cols: int, spacing: np.ndarray, poin
             steps.append(dict(method="restyle", label=label, args=[{"z": zs, "x": xs, "y": ys}, idx]))
         positions = _slider_positions(n, max_steps)
         active = int(np.argmin([abs(v - int(point[axis])) for v in positions]))
-        width = 1.0 / n_sliders
-        sliders.append(dict(active=active, steps=steps, x=j * width + 0.01, len=width - 0.03, y=0,
+        share = 1.0 / n_sliders
+        sliders.append(dict(active=active, steps=steps, x=j * share + 0.01, len=share - 0.03, y=0,
                             yanchor="top", pad=dict(t=30), currentvalue=dict(prefix=slider_labels[axis] + ": ",
                                                                              font=dict(size=11)),
                             font=dict(size=9)))
     fig.update_layout(title=dict(text=title), sliders=sliders, margin=dict(l=10, r=10, t=60, b=10),
-                      height=height or (300 * rows + 140), plot_bgcolor="white")
+                      height=height or (300 * rows + 140), width=width, plot_bgcolor="white")
     return fig
 
 
@@ -271,8 +326,8 @@ def three_plane(volume, spacing=None, overlay=None, *, point: Sequence[int] | No
     panels[2].colorbar = dict(len=0.8, thickness=12)
     titles = [f"{names[k]} (across axis {k})" if names is not _DEFAULT_NAMES else f"slice across axis {k}"
               for k in range(3)]
-    stride = f" (shown every {f}th voxel)" if f > 1 else ""
-    return _build(panels, 1, 3, sp, point, titles, title=title + stride, slab=slab, max_steps=max_steps,
+    stride = f" (shown every {ordinal(f)} voxel)" if f > 1 else ""
+    return _build(panels, 1, 3, sp, point, titles, title=(title + stride).strip(), slab=slab, max_steps=max_steps,
                   decimals=decimals, height=height, slider_labels={k: f"{names[k]} index" for k in range(3)},
                   stride=f)
 
@@ -322,7 +377,7 @@ def deformation_viewer(fixed, moving, disp, *, spacing=None, keypoints=None, mov
         from .metrics import tre
 
         info += f", mean TRE {float(tre(keypoints, moving_keypoints, d, _spacing(spacing)).mean()):.2f} mm"
-    stride = f", shown every {f}th voxel" if f > 1 else ""
+    stride = f", shown every {ordinal(f)} voxel" if f > 1 else ""
     return _build(panels, 3, 3, sp, point, titles, title=f"{title} ({info}{stride})".strip(), slab=slab,
                   max_steps=max_steps, decimals=decimals, height=height,
                   slider_labels={k: f"{names[k]} index" for k in range(3)}, stride=f)
@@ -330,7 +385,8 @@ def deformation_viewer(fixed, moving, disp, *, spacing=None, keypoints=None, mov
 
 def comparison_figure(fixed, moving, disps: Mapping[str, object], *, axis: int = 0, index: int | None = None,
                       spacing=None, title: str = "", max_size: int | None = 64, max_steps: int = 48,
-                      decimals: int | None = 3, height: int | None = None) -> go.Figure:
+                      decimals: int | None = 3, height: int | None = None, width: int | None = None,
+                      panel_px: int = 260) -> go.Figure:
     """The paper's Figure 4 as a Plotly figure: the first row fixed and moving, then one row per method with its
     warped moving image and its Jacobian determinant, all sliced across ``axis``; one slider over the slices.
 
@@ -338,6 +394,8 @@ def comparison_figure(fixed, moving, disps: Mapping[str, object], *, axis: int =
         disps: method name -> displacement ``(1, 3, D0, D1, D2)`` in voxels (e.g. ``{"identity": zero,
             "classical": result.disp}``).
         index: the initial slice (default: the middle).
+        panel_px: the width of each panel in pixels; the figure's ``width`` and ``height`` (default: computed) fit
+            two such columns and the rows at the slices' aspect ratio, so the panels keep their size on any page.
     Returns:
         ``go.Figure`` with ``1 + len(disps)`` rows x 2 columns (one heatmap each) and one slider.
     """
@@ -366,6 +424,18 @@ def comparison_figure(fixed, moving, disps: Mapping[str, object], *, axis: int =
                              if r == 2 else None, f"{name}: det J"))
         titles += [f"{name}: warped moving", f"{name}: det J (folding {float((jac <= 0).mean() * 100):.2f}%)"]
     rows = 1 + len(disps)
-    return _build(panels, rows, 2, sp, point, titles, title=title, slab=0.0, max_steps=max_steps,
-                  decimals=decimals, height=height or (230 * rows + 120),
+    # A fixed size, so that the panels are panel_px wide whatever the width of the page (a figure without a width
+    # fills the page, and its equal-aspect panels then shrink to fit the height: 180 px in a 1300 px figure).
+    a, b = [k for k in range(3) if k != axis]
+    aspect = fxs.shape[a] * sp[a] / (fxs.shape[b] * sp[b])
+    gap_x, gap_y = 80, 55                      # px between columns (axis labels), between rows (subplot titles)
+    plot_w = 2 * panel_px + gap_x
+    plot_h = rows * panel_px * aspect + (rows - 1) * gap_y
+    margin_w, margin_h = 20 + 150, 60 + 150  # margins + tick labels and colour bar; title; slider and axis labels
+    width = width or int(round(plot_w + margin_w))
+    height = height or int(round(plot_h + margin_h))
+    stride = f" (shown every {ordinal(f)} voxel)" if f > 1 else ""
+    return _build(panels, rows, 2, sp, point, titles, title=(title + stride).strip(), slab=0.0, max_steps=max_steps,
+                  decimals=decimals, height=height, width=width, horizontal_spacing=gap_x / plot_w,
+                  vertical_spacing=gap_y / plot_h if rows > 1 else 0.1,
                   slider_labels={axis: f"slice across axis {axis}"}, stride=f)

@@ -133,3 +133,59 @@ def test_bad_inputs(vol):
         viewer.three_plane(vol, overlay=np.zeros((3, 3, 3)))
     with pytest.raises(ValueError, match="disp"):
         viewer.deformation_viewer(vol, vol, torch.zeros(1, 2, *SHAPE))
+
+
+def test_plotly_renderer_per_environment():
+    r = viewer.plotly_renderer
+    assert r(environ={}, modules={}) == "plotly_mimetype"  # JupyterLab, Notebook 7, VS Code: drawn offline
+    assert r(environ={}, modules={"google.colab": object()}) == "colab"
+    assert r(environ={"COLAB_RELEASE_TAG": "x"}, modules={}) == "colab"
+    assert r(environ={"PLOTLY_RENDERER": "json"}, modules={"google.colab": object()}) == "json"  # CI wins
+    assert r(environ={viewer.STATIC_HTML_ENV: "1"}, modules={}) == "notebook"  # plotly.js embedded
+    assert r(environ={viewer.STATIC_HTML_ENV: "0"}, modules={}) == "plotly_mimetype"
+    assert r(True, environ={}, modules={"google.colab": object()}) == "notebook"
+    assert r(environ={"PLOTLY_RENDERER": "json"}, modules={}, static_html=True) == "json"
+    for env in ({}, {"COLAB_RELEASE_TAG": "x"}, {viewer.STATIC_HTML_ENV: "1"}):
+        assert r(environ=env, modules={}) in pio.renderers  # a renderer plotly knows
+        assert r(environ=env, modules={}) != "notebook_connected"  # the CDN one draws blank offline
+    assert viewer.plotly_renderer() in pio.renderers  # this process's environment
+
+
+def test_ordinal_and_stride_titles(vol):
+    assert [viewer.ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "101st", "111th"]
+    big = np.random.default_rng(0).random((40, 30, 20))
+    assert "every 2nd voxel" in viewer.three_plane(big, max_size=20).layout.title.text
+    assert "every 3rd voxel" in viewer.three_plane(big, max_size=16).layout.title.text
+    disp = torch.zeros(1, 3, 40, 30, 20)
+    assert "every 2nd voxel" in viewer.deformation_viewer(big, big, disp, max_size=20).layout.title.text
+    assert "th voxel" not in viewer.comparison_figure(big, big, {"id": disp}, max_size=20).layout.title.text
+
+
+def test_mm_axes_are_labelled(vol):
+    fig = viewer.three_plane(vol, spacing=2.0)
+    # panel k (slice across axis k) shows axis b across (x) and axis a down (y), a < b the two other axes
+    for k, (a, b) in enumerate([(1, 2), (0, 2), (0, 1)]):
+        sub = fig.get_subplot(1, k + 1)
+        assert sub.xaxis.title.text == f"axis {b} (mm)" and sub.yaxis.title.text == f"axis {a} (mm)"
+    fig = viewer.deformation_viewer(vol, vol, torch.zeros(1, 3, *SHAPE))
+    assert fig.get_subplot(3, 2).xaxis.title.text == "axis 2 (mm)"  # bottom row: x labelled
+    assert fig.get_subplot(1, 2).xaxis.title.text is None
+    assert all(fig.get_subplot(r, c).yaxis.title.text for r in (1, 2, 3) for c in (1, 2, 3))  # planes differ
+    fig = viewer.comparison_figure(vol, vol, {"identity": torch.zeros(1, 3, *SHAPE)}, axis=1)
+    assert fig.get_subplot(2, 1).xaxis.title.text == "axis 2 (mm)" and fig.get_subplot(2, 1).yaxis.title.text
+    assert fig.get_subplot(2, 2).yaxis.title.text is None  # one plane: y labelled on the first column only
+
+
+def test_comparison_figure_has_a_fixed_size_that_fits_its_panels():
+    vol = torch.rand(1, 1, 40, 40, 40)
+    zero = torch.zeros(1, 3, 40, 40, 40)
+    fig = viewer.comparison_figure(vol, vol, {"identity": zero, "other": zero}, axis=1, spacing=1.5)
+    width, height = fig.layout.width, fig.layout.height
+    assert width is not None and width < 1000  # not the page's width (which left 180 px panels in 1300 px)
+    for r in (1, 2, 3):
+        for c in (1, 2):
+            sub = fig.get_subplot(r, c)
+            px_w = (sub.xaxis.domain[1] - sub.xaxis.domain[0]) * (width - 170)
+            px_h = (sub.yaxis.domain[1] - sub.yaxis.domain[0]) * (height - 210)
+            assert 250 <= px_w <= 270 and abs(px_h - px_w) < 0.05 * px_w  # square slices, ~260 px panels
