@@ -24,7 +24,8 @@ import pytest
 jupytext = pytest.importorskip("jupytext")
 
 ROOT = Path(__file__).resolve().parents[1]
-UPGRADED = ["00_welcome", "01_classical_registration", "02_one_step_learning"]
+UPGRADED = ["00_welcome", "01_classical_registration", "02_one_step_learning", "04_fixed_points_forward",
+            "04b_implicit_and_phantom_gradients", "07_oasis_brain_mri", "08_nlst_lung_ct"]
 
 TOP_FIELDS = ("Goal", "Learning objectives", "Prerequisites", "Study time", "Notation")
 EXERCISE = re.compile(r"^###\s+Exercise\s+(\d+)\s+\((★{1,3})\)", re.M)
@@ -56,7 +57,7 @@ def teaching_problems(cells: list, stored_cells: list) -> list[str]:
     md = [(i, _src(c)) for i, c in enumerate(cells) if c["cell_type"] == "markdown"]
 
     # top block: the markdown cell holding the "# NN · title" line
-    top = next((s for _, s in md if re.search(r"^#\s+\d\d\s", s, re.M)), "")
+    top = next((s for _, s in md if re.search(r"^#\s+\d\d[a-z]?\s", s, re.M)), "")
     if not top:
         problems.append("no title cell ('# NN · ...')")
     for field in TOP_FIELDS:
@@ -68,10 +69,10 @@ def teaching_problems(cells: list, stored_cells: list) -> list[str]:
     notation = _section(top, "Notation")
     if notation.count("|") < 6 or not all(sym in notation for sym in ("I_f", "I_m", "\\phi", "u")):
         problems.append("notation box: want a markdown table naming $I_f$, $I_m$, $u$ and $\\phi$")
-    if "minute" not in _section(top, "Study time"):
+    if not re.search(r"\b(min(ute)?s?|hours?)\b", _section(top, "Study time")):
         problems.append("study time: give it in minutes (measured run time + reading/exercises)")
 
-    if not any(s.lstrip().startswith("**Predict.**") for _, s in md):
+    if not any(re.search(r"^\*\*Predict\.\*\*", s, re.M) for _, s in md):
         problems.append("no '**Predict.**' prompt")
 
     # exercises: heading, then an `exercise` code cell, then a hidden, asserting `solution` code cell
