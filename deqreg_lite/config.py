@@ -25,7 +25,7 @@ __all__ = ["MODES", "mode", "by_mode", "data_dir", "samples_dir", "default_devic
            "REPO_URL", "REPO_ROOT", "checkpoints_dir"]
 
 MODES = ("quick", "default", "full")
-REPO_URL = "https://github.com/deqreg-lite/deqreg_lite"
+REPO_URL = "https://github.com/deqreg-lite/deqreg_lite"  # = pyproject.toml [project.urls] Repository (tested)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 T = TypeVar("T")

@@ -36,6 +36,7 @@ from deqreg_lite.config import checkpoints_dir  # noqa: E402
 from deqreg_lite.datasets.pairs import PairDataset  # noqa: E402
 from deqreg_lite.evaluate import pair_metrics  # noqa: E402
 from deqreg_lite.methods import RegistrationLoss, build_method  # noqa: E402
+from deqreg_lite.methods.base import RegistrationMethod  # noqa: E402
 from deqreg_lite.presets import LAM, SEEDS, SELECTION, SETTINGS, TRAIN_KINDS, TRAIN_ORDER  # noqa: E402
 from deqreg_lite.pretrained import INPUT_SIZE, PRETRAINED, TRAIN_SIZE, _check_name  # noqa: E402
 from deqreg_lite.train import Trainer, load_checkpoint, save_checkpoint  # noqa: E402
@@ -66,11 +67,14 @@ def run_dir(runs: Path, name: str, seed: int) -> Path:
 
 
 def train_run(name: str, seed: int, runs: Path, *, iterations: Optional[int] = None, resume: bool = True,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, kwargs: Optional[dict] = None) -> dict:
     """Train ``name`` with ``seed`` from scratch into ``runs/<name>-seed<seed>/`` (``last.pt`` every
     ``CHECKPOINT_EVERY`` steps, ``best.pt`` by validation Dice, ``log.jsonl``); with ``resume`` an existing
-    ``last.pt`` is continued. Returns the run's summary (also written to ``run.json`` there)."""
-    cfg = SETTINGS[name]
+    ``last.pt`` is continued. ``kwargs`` replace the method's constructor options of ``SETTINGS`` (recipe
+    experiments; recorded in the summary's ``config``). Returns the run's summary (also written to ``run.json``)."""
+    cfg = dict(SETTINGS[name])
+    if kwargs:
+        cfg["kwargs"] = {**cfg["kwargs"], **kwargs}
     its = int(iterations if iterations is not None else cfg["iterations"])
     folder = run_dir(runs, name, seed)
     torch.manual_seed(seed)
@@ -119,10 +123,7 @@ def export(names: Sequence[str], runs: Path, out: Path, log: Callable[[str], Non
         if not summaries or summaries[0]["seed"] != seeds[0]:
             raise FileNotFoundError(f"{name}: no finished run for seed {seeds[0]} in {runs}")
         ship = summaries[0]
-        ckpt = load_checkpoint(run_dir(runs, name, ship["seed"]) / "best.pt", "cpu", name=name)
-        method = build_method(name, 2, **SETTINGS[name]["kwargs"])
-        method.load_state_dict(ckpt["model"])
-        method.eval()
+        method = RegistrationMethod.from_checkpoint(run_dir(runs, name, ship["seed"]) / "best.pt")  # its own config
         record = {**ship, "input_size": list(INPUT_SIZE), "train_size": list(TRAIN_SIZE), "factor": 2,
                   "seeds": [{k: s[k] for k in ("seed", "iterations", "selected_iteration", "selected_val",
                                                "train_time_s")} for s in summaries]}
@@ -229,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=str(ROOT / "runs" / "pretrained"),
                    help="folder of the training runs (checkpoints, logs; not shipped)")
     p.add_argument("--out", default=None, help=f"folder of the exported checkpoints (default {checkpoints_dir()})")
+    p.add_argument("--deq-recipe", default=None,
+                   help="JSON dict replacing DEQReg/DEQReg-12 options (recipe experiments; use another --runs)")
     p.add_argument("--restart", action="store_true", help="start runs anew instead of resuming their last.pt")
     p.add_argument("--export", action="store_true", help="after training, export each model's best.pt to --out")
     p.add_argument("--export-only", action="store_true", help="only export finished runs")
@@ -247,7 +250,9 @@ def main(argv=None) -> int:
         for name in names:
             for seed in (args.seeds if args.seeds is not None else SEEDS[name]):
                 train_run(name, seed, runs, iterations=args.iterations, resume=not args.restart,
-                          log=lambda s: print(s, flush=True))
+                          log=lambda s: print(s, flush=True),
+                          kwargs=json.loads(args.deq_recipe) if args.deq_recipe and name.startswith("deqreg")
+                          else None)
     if args.export or args.export_only:
         export(names, runs, out, log=lambda s: print(s, flush=True))
     if args.evaluate or args.evaluate_only:

@@ -309,3 +309,24 @@ def test_leak_makes_the_untrained_map_a_contraction():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="leak"):
             DEQReg(2, leak=bad)
+
+
+def test_jacobian_penalty_aimed_by_power_iteration_estimates_rho_squared_and_hinges():
+    m = DEQReg(2, damping=0.5, jac_weight=1.0, jac_power=40)
+    m.net.head.weight.data.normal_(std=0.05, generator=torch.Generator().manual_seed(0))
+    fixed, moving = pair(B=1, size=(16, 16))
+    z = 0.3 * torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(4))
+    rho = float(spectral_radius(m.iteration_map(fixed, moving), z, iters=60).value)
+    torch.manual_seed(0)
+    aimed = float(m.jacobian_penalty(fixed, moving, z).detach())
+    assert aimed ** 0.5 == pytest.approx(rho, rel=0.03)
+    plain = DEQReg(2, damping=0.5, jac_weight=1.0)
+    plain.load_state_dict(m.state_dict())
+    torch.manual_seed(0)
+    assert float(plain.jacobian_penalty(fixed, moving, z).detach()) < aimed  # the mean is below the top
+    hinged = DEQReg(2, damping=0.5, jac_weight=1.0, jac_power=40, jac_target=0.5)
+    hinged.load_state_dict(m.state_dict())
+    torch.manual_seed(0)
+    assert float(hinged.jacobian_penalty(fixed, moving, z).detach()) == pytest.approx(max(aimed - 0.25, 0), abs=1e-4)
+    with pytest.raises(ValueError, match="jac_power"):
+        DEQReg(2, jac_power=-1)

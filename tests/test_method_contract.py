@@ -73,9 +73,11 @@ LEGACY = {
     # + the recipe options added later (damping, jac_weight, jac_eps); configs saved before them (the shipped
     # checkpoints of that time) lack them and rebuild with their defaults, the paper's undamped solve
     "deqreg": {"ndim": 2, "T": 48, "S": 3, "gamma": 0.5, "K": 3, "tau": 0.5, "solver": "fixed_point", "tol": 1e-3,
-               "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2, "leak": 0.0},
+               "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2, "leak": 0.0, "jac_power": 0,
+               "jac_target": 0.0},
     "deqreg12": {"ndim": 2, "T": 12, "S": 0, "gamma": 0.5, "K": 3, "tau": 0.5, "solver": "fixed_point",
-                 "tol": 1e-3, "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2, "leak": 0.0},
+                 "tol": 1e-3, "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2, "leak": 0.0, "jac_power": 0,
+               "jac_target": 0.0},
 }
 OPTIONS = {"voxelmorph": {}, "unrolling": {"T": 5}, "unrolling_ml": {"levels": 2, "steps_per_level": 4},
            "gradirn": {"levels": 2, "steps_per_level": 2, "eta_init": 0.5},

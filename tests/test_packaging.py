@@ -60,3 +60,28 @@ def test_notebook_has_colab_badge_install_cell_goal_exercise_summary(source):
     for word in ("Goal", "Exercise", "Summary"):
         assert word in text, f"{source.name} lacks a {word} section"
     assert "<details>" in text, "the exercise's solution is hidden in a <details> block"
+
+
+def test_every_repository_address_comes_from_pyproject_urls():
+    """The Colab badges, the notebooks' clone cells, the README and config.REPO_URL all name the repository that
+    pyproject.toml's [project.urls] Repository gives (one place to change when the repository moves)."""
+    import re
+    import tomllib
+
+    from deqreg_lite.config import REPO_URL
+
+    root = Path(__file__).resolve().parent.parent
+    repo = tomllib.loads((root / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    assert REPO_URL == repo
+    slug = repo.removeprefix("https://github.com/")
+    files = sorted((root / "notebooks").glob("*.py")) + [root / "README.md"]
+    for path in files:
+        text = path.read_text()
+        badges = re.findall(r"colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/main/notebooks/([\w.-]+)\.ipynb",
+                            text)
+        clones = re.findall(r"https://github\.com/([\w.-]+/[\w.-]+?)(?:\.git)?[\"')\s]", text)
+        if path.parent.name == "notebooks":
+            assert badges, f"{path.name} has no Colab badge"
+            assert all(nb == path.stem for _, nb in badges), f"{path.name}'s badge points at another notebook"
+        for found in [b for b, _ in badges] + clones:
+            assert found == slug, f"{path.name} names {found}, not {slug} ([project.urls] Repository)"

@@ -105,6 +105,11 @@ class DEQReg(RegistrationMethod):
             derivatives only, so it also runs on CUDA builds without a double backward through ``grid_sample``).
             After Bai, Koltun and Kolter, "Stabilizing Equilibrium Models by Jacobian Regularization" (2021).
         jac_eps: the finite-difference step of that product, in voxels.
+        jac_power: aim the penalty at the dominant direction: ``v`` is first refined by this many power-iteration
+            steps (``v <- J v / ||J v||``, finite-difference products without a graph), so the penalty estimates
+            ``rho(dh/dphi)^2`` rather than the mean squared singular value (0: the plain Hutchinson probe).
+        jac_target: penalise only the excess, ``relu(estimate - jac_target ** 2)`` (0: the whole estimate); e.g.
+            0.8 leaves maps whose estimated spectral radius is below 0.8 alone.
         leak: a fixed restoring term in the update, ``g(phi) = phi + UNet([If, Im o phi, phi]) - leak * phi``
             (0: the paper's map). It makes the untrained map a contraction (``1 - damping * leak`` in every
             direction the network ignores), so a constant output no longer piles up over the ``T`` solver steps
@@ -115,9 +120,11 @@ class DEQReg(RegistrationMethod):
 
     def __init__(self, ndim: int, T: int = 48, S: int = 3, gamma: float = 0.5, K: int = 3, tau: float = 0.5,
                  solver: str = "fixed_point", tol: float = 1e-3, damping: float = 1.0, jac_weight: float = 0.0,
-                 jac_eps: float = 1e-2, leak: float = 0.0) -> None:
+                 jac_eps: float = 1e-2, leak: float = 0.0, jac_power: int = 0, jac_target: float = 0.0) -> None:
         super().__init__(ndim)
-        for name, value in (("jac_weight", jac_weight), ("jac_eps", jac_eps), ("leak", leak)):
+        self.jac_power = check_count(jac_power, "jac_power", low=0)
+        for name, value in (("jac_weight", jac_weight), ("jac_eps", jac_eps), ("leak", leak),
+                            ("jac_target", jac_target)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not jac_eps > 0:
@@ -125,6 +132,7 @@ class DEQReg(RegistrationMethod):
         if leak > 1:
             raise ValueError(f"leak must be in [0, 1], got {leak!r}")
         self.jac_weight, self.jac_eps, self.leak = float(jac_weight), float(jac_eps), float(leak)
+        self.jac_target = float(jac_target)
         self.T = self.trained_steps = check_count(T, "T")
         self.S = check_count(S, "S", low=0)
         self.K = check_count(K, "K")
@@ -276,17 +284,29 @@ class DEQReg(RegistrationMethod):
 
 
     def jacobian_penalty(self, fixed: Tensor, moving: Tensor, z: Tensor) -> Tensor:
-        """One-probe Hutchinson estimate of ``||dh/dphi||_F^2 / n`` at ``z`` (``(B, ndim, *spatial)``), averaged
-        over the batch, with the graph to the parameters: ``||h(z + eps v) - h(z)||^2 / (eps^2 ||v||^2)``, ``v``
-        standard normal, ``eps = jac_eps`` voxels (a finite-difference Jacobian-vector product of
-        :meth:`iteration_map`). Its expectation over ``v`` is the mean squared singular value of the Jacobian
-        (``rho^2`` for a normal Jacobian with all eigenvalues of modulus ``rho``). Returns a scalar tensor."""
+        """A penalty on the Jacobian of :meth:`iteration_map` at ``z`` (``(B, ndim, *spatial)``), averaged over the
+        batch, with the graph to the parameters: ``r = ||h(z + eps v) - h(z)||^2 / (eps^2 ||v||^2)`` (a
+        finite-difference Jacobian-vector product, ``eps = jac_eps`` voxels), then ``relu(r - jac_target^2)``.
+
+        ``v`` is standard normal (a one-probe Hutchinson estimate: its expectation is the mean squared singular
+        value, ``rho^2`` for a normal Jacobian whose eigenvalues all have modulus ``rho``), or, with ``jac_power =
+        p > 0``, that vector after ``p`` power-iteration steps without a graph, so that ``r`` approaches
+        ``rho(dh/dphi)^2`` from below. Returns a scalar tensor."""
         h = self.iteration_map(fixed, moving)
         z = z.detach()
-        v = torch.randn_like(z)
-        dz = h(z + self.jac_eps * v) - h(z)
         dims = tuple(range(1, z.dim()))
+        v = torch.randn_like(z)
+        if self.jac_power:
+            with torch.no_grad():
+                hz = h(z)
+                for _ in range(self.jac_power):
+                    w = h(z + self.jac_eps * v) - hz
+                    v = w / w.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (z.dim() - 1)))
+                    v = v * float(z[0].numel()) ** 0.5  # unit-variance entries, like the random probe
+        dz = h(z + self.jac_eps * v) - h(z)
         ratio = dz.pow(2).sum(dims) / (self.jac_eps ** 2 * v.pow(2).sum(dims))
+        if self.jac_target:
+            ratio = torch.relu(ratio - self.jac_target ** 2)
         return ratio.mean()
 
 
@@ -297,9 +317,10 @@ class DEQReg12(DEQReg):
 
     def __init__(self, ndim: int, T: int = 12, S: int = 0, gamma: float = 0.5, K: int = 3, tau: float = 0.5,
                  solver: str = "fixed_point", tol: float = 1e-3, damping: float = 1.0, jac_weight: float = 0.0,
-                 jac_eps: float = 1e-2, leak: float = 0.0) -> None:
+                 jac_eps: float = 1e-2, leak: float = 0.0, jac_power: int = 0, jac_target: float = 0.0) -> None:
         super().__init__(ndim, T=T, S=S, gamma=gamma, K=K, tau=tau, solver=solver, tol=tol, damping=damping,
-                         jac_weight=jac_weight, jac_eps=jac_eps, leak=leak)
+                         jac_weight=jac_weight, jac_eps=jac_eps, leak=leak, jac_power=jac_power,
+                         jac_target=jac_target)
 
 
 def deqreg12(ndim: int, **kwargs) -> DEQReg12:
