@@ -117,6 +117,29 @@ def run(recipe: str, iterations: int, out: Path, *, batch: int, n_val: int, seed
     return result
 
 
+#: what the table cannot show: runs stopped before their measurement, and measurements made elsewhere (with sources).
+NOTES = """
+Context, measured on this project's 2-core CPU (torch 2.13 CPU, one thread per run, several runs sharing the cores):
+
+* `paper` (undamped solve, tau 0.5 phantom), from `../shared/lessons.md` (beside the repository) (a 35-minute probe, 789 iterations at
+  batch 4, on 6 unseen real pairs at 80x96): relative residual 0.42 after 48 steps, spectral radius 2.1-2.7 at the
+  returned field, largest move from 48 to 500 steps 6.3 voxels. The shipped (warm-started) DEQReg-12:
+  spectral radius 2.64 with Rayleigh quotient -2.64 (`results/certificate.md`): a negative, real dominant
+  eigenvalue, i.e. the undamped solve overshoots, which is what a network trained through tau = 0.5 damped phantom
+  steps learns.
+* `damped` and `damped_jac` (no leak) sat at identity level for their first 125 iterations (val Dice 0.455 and
+  0.452, identity 0.453) and were stopped there; with the leak, both recipes left identity (`damped_leak_jac`: val
+  Dice 0.517 at 200 and 0.594 at 400 iterations).
+* Training logs (relative residual of the solve, mean over 25 steps): `damped_leak` rose from 9e-4 (iterations
+  1-50) to 0.09, 0.19, 0.32 and 0.52 at 75, 100, 125 and 150 as the map learned; `damped_leak_jac` (weight 0.1)
+  stayed at 0.004-0.04 up to 400.
+* The equal-budget run of `scripts/train_pretrained.py` (batch 1, `presets.DEQ_RECIPE`, Hutchinson penalty weight
+  0.3) reached val Dice 0.640 at 750 steps with a mean squared singular value of the iteration map of 0.13-0.15,
+  but its residual after 48 steps rose to 0.02-0.03: the Frobenius (mean) penalty does not hold the *dominant*
+  eigenvalue. `jac_power` aims the penalty at it (power iteration); that run is under way.
+"""
+
+
 def table(folder: Path) -> str:
     lines = ["# DEQReg training recipes: the convergence certificate on the validation pairs", "",
              "Each row: `DEQReg(2, **recipe)` trained from scratch at 80x96 (`benchmarks/recipes.py`), measured on "
@@ -134,7 +157,7 @@ def table(folder: Path) -> str:
                      f"{m['rho_max']:.3f} | {m['dice']:.3f} | {m['dice48']:.3f} | {m['dice_long']:.3f} | "
                      f"{m['folding_pct']:.3f} | {m['folding_long']:.3f} | {m['drift_max']:.3f} | "
                      f"{m['identity_dice']:.3f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
 
 
 def main(argv=None) -> int:
