@@ -227,7 +227,7 @@ def index_page(entries: list[dict], mode: str) -> str:
     rows = []
     for e in entries:
         rows.append(f'<tr><td><a href="{e["page"]}">{html.escape(e["title"])}</a></td>'
-                    f'<td>{_markdown(first_sentences(e["goal"]))}</td><td>{e["seconds"]}</td></tr>')
+                    f'<td>{_markdown(first_sentences(e["goal"]))}</td><td>{e["seconds"] or "not run"}</td></tr>')
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1.0">
@@ -267,9 +267,11 @@ def licence_page() -> str:
 
 
 def build(out: Path, mode: str = "default", timeout: int = 1800, notebooks: list[Path] | None = None,
-          executed: Path | None = None, log=print) -> list[dict]:
-    """Execute the notebooks, write the site to ``out``; return the index entries. ``executed``: a folder where
-    the executed ``.ipynb`` are also saved."""
+          executed: Path | None = None, execute_only=None, log=print) -> list[dict]:
+    """Execute the notebooks, write the site to ``out``; return the index entries (``seconds`` is ``None`` for a
+    notebook not executed). ``executed``: a folder where the executed ``.ipynb`` are also saved. ``execute_only``:
+    the names (stems) of the notebooks to execute, the others are converted as stored, without outputs (the tests'
+    cheap build; the site itself executes every notebook)."""
     import nbformat
 
     paths = sorted(notebooks) if notebooks else sorted(NOTEBOOKS.glob("*.ipynb"))
@@ -280,17 +282,19 @@ def build(out: Path, mode: str = "default", timeout: int = 1800, notebooks: list
     nbs = []
     for p in paths:
         nb = nbformat.read(p, as_version=4)
-        t0 = time.perf_counter()
-        log(f"executing {p.name} (mode {mode}) ...", flush=True)
-        execute(nb, p, mode, timeout)
-        seconds = time.perf_counter() - t0
-        log(f"  {p.name}: {seconds:.0f} s", flush=True)
-        if executed is not None:
+        seconds = None
+        if execute_only is None or p.stem in execute_only:
+            t0 = time.perf_counter()
+            log(f"executing {p.name} (mode {mode}) ...", flush=True)
+            execute(nb, p, mode, timeout)
+            seconds = time.perf_counter() - t0
+            log(f"  {p.name}: {seconds:.0f} s", flush=True)
+        if executed is not None and seconds is not None:
             executed.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, executed / p.name)
         title, goal = title_and_goal(nb)
         entries.append({"name": p.stem, "page": p.stem + ".html", "title": title or p.stem, "goal": goal,
-                        "seconds": f"{seconds:.0f}"})
+                        "seconds": None if seconds is None else f"{seconds:.0f}"})
         nbs.append(nb)
     for i, (nb, e) in enumerate(zip(nbs, entries)):
         freeze_widgets(nb)
