@@ -74,10 +74,29 @@ def first_sentences(text: str, limit: int = 320) -> str:
 # executing and converting
 
 
-def execute(nb, path: Path, mode: str, timeout: int):
-    """Run ``nb`` (read from ``path``) in place, in the notebook's folder, with the site's environment."""
+def _executor_class():
+    """nbconvert's ``ExecutePreprocessor`` whose mimic of the ``Output`` widget keeps the outputs it captures
+    but does not send them back to the kernel. nbclient's mimic sends the whole output list (images included) to
+    the kernel on every output, and a notebook that shows figures in an ``interactive``'s Output (05) then hangs
+    with its kernel idle (seen here; nbclient#312). Nothing reads the kernel-side copy during a run."""
+    from nbclient.output_widget import OutputWidget
     from nbconvert.preprocessors import ExecutePreprocessor
 
+    class _OutputWidget(OutputWidget):
+        def sync_state(self) -> None:
+            pass
+
+    class _Executor(ExecutePreprocessor):
+        def on_comm_open_jupyter_widget(self, msg):
+            self.widget_registry["@jupyter-widgets/output"] = {"OutputModel": _OutputWidget}
+            return super().on_comm_open_jupyter_widget(msg)
+
+    return _Executor
+
+
+def execute(nb, path: Path, mode: str, timeout: int):
+    """Run ``nb`` (read from ``path``) in place, in the notebook's folder, with the site's environment."""
+    _Executor = _executor_class()
     env = {"DEQREG_MODE": mode, "DEQREG_STATIC_HTML": "1", "MPLBACKEND": "Agg", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     saved = {k: os.environ.get(k) for k in [*env, "PLOTLY_RENDERER", "PYTHONPATH"]}
     os.environ.update(env)
@@ -85,7 +104,7 @@ def execute(nb, path: Path, mode: str, timeout: int):
     # the kernel imports deqreg_lite from this tree, whatever is installed
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(ROOT), saved["PYTHONPATH"]] if p)
     try:
-        ep = ExecutePreprocessor(timeout=timeout, kernel_name="python3", store_widget_state=True)
+        ep = _Executor(timeout=timeout, kernel_name="python3", store_widget_state=True)
         ep.preprocess(nb, {"metadata": {"path": str(path.parent)}})
     finally:
         for k, v in saved.items():
