@@ -5,7 +5,8 @@
 
 Every ``notebooks/*.ipynb`` (sorted) is executed with nbconvert's ``ExecutePreprocessor`` (``DEQREG_MODE`` as
 given, ``DEQREG_STATIC_HTML=1`` so that :func:`deqreg_lite.viewer.plotly_renderer` embeds plotly.js in the
-notebook and the 3D viewers draw without a kernel and offline, ``MPLBACKEND=Agg``, ``PLOTLY_RENDERER`` unset),
+notebook and the 3D viewers draw without a kernel and offline, ``PLOTLY_RENDERER`` unset, and Matplotlib's inline
+backend, so that no window opens and every figure is kept as a PNG),
 converted to one standalone HTML page (``HTMLExporter``, images embedded), given a previous / index / next bar, and
 listed in ``index.html`` with its title and goal (read from the notebook's first markdown cell). The licence notice
 of the shipped data (``data/samples/LICENSES.md``) is copied beside the pages and linked from every one.
@@ -38,6 +39,7 @@ LICENSE_PAGE = "data-licences.html"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 SITE_TITLE = "deqreg_lite: the notebook series"
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +99,10 @@ def _executor_class():
 def execute(nb, path: Path, mode: str, timeout: int):
     """Run ``nb`` (read from ``path``) in place, in the notebook's folder, with the site's environment."""
     _Executor = _executor_class()
-    env = {"DEQREG_MODE": mode, "DEQREG_STATIC_HTML": "1", "MPLBACKEND": "Agg", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    # Matplotlib's inline backend, what a student's Jupyter uses: no window, and every figure a PNG output. (Not
+    # "Agg": in a kernel it draws nothing, so plt.show() and display(fig) leave only "<Figure size ...>" text.)
+    env = {"DEQREG_MODE": mode, "DEQREG_STATIC_HTML": "1", "MPLBACKEND": INLINE_BACKEND,
+           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     saved = {k: os.environ.get(k) for k in [*env, "PLOTLY_RENDERER", "PYTHONPATH"]}
     os.environ.update(env)
     os.environ.pop("PLOTLY_RENDERER", None)

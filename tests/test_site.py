@@ -151,8 +151,13 @@ def test_site_has_no_execution_error(site):
         nb = nbformat.read(executed / p.name, as_version=4)
         errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, (p.name, errors[:1])
-        text = re.sub(r"<[^>]+>", "", (out / (p.stem + ".html")).read_text(encoding="utf-8"))
+        page = (out / (p.stem + ".html")).read_text(encoding="utf-8")
+        text = re.sub(r"<[^>]+>", "", page)
         assert "Traceback (most recent call last)" not in text, p.name
+        # figures are drawn (inline backend), not left as "<Figure size 640x480 with 1 Axes>"
+        assert "&lt;Figure size" not in page, p.name
+        if p.stem[:2] in ("00", "01", "05"):
+            assert page.count("data:image/png") >= 3, p.name
 
 
 def test_site_links_resolve(site):
