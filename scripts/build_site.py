@@ -47,29 +47,15 @@ INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 
 def title_and_goal(nb) -> tuple[str, str]:
-    """The ``# `` title and the ``**Goal.**`` paragraph (markdown, without the label) of the first markdown cell."""
+    """The ``# `` title and the ``**Goal.**`` block (markdown, without the label: up to the next ``**Label.**``
+    paragraph, a heading or the end of the cell) of the notebook's first markdown cell."""
     cell = next(c for c in nb.cells if c.cell_type == "markdown")
     text = cell.source
     m = re.search(r"^#\s+(.+)$", text, flags=re.M)
     title = m.group(1).strip() if m else ""
-    goal = ""
-    g = re.search(r"\*\*Goal\.\*\*(.*?)(?:\n\s*\n|\Z)", text, flags=re.S)
-    if g:
-        goal = " ".join(g.group(1).split())
+    g = re.search(r"\*\*Goal\.\*\*(.*?)(?=^\*\*[^*\n]+\.\*\*|^#|^>|\Z)", text, flags=re.S | re.M)
+    goal = g.group(1).strip() if g else ""
     return title, goal
-
-
-def first_sentences(text: str, limit: int = 320) -> str:
-    """``text`` cut after the sentence that passes ``limit`` characters (never inside ``$...$`` maths)."""
-    if len(text) <= limit:
-        return text
-    in_math = False
-    for i, ch in enumerate(text):
-        if ch == "$":
-            in_math = not in_math
-        if i >= limit and not in_math and ch in ".:" and (i + 1 == len(text) or text[i + 1] == " "):
-            return text[: i + 1] + (" ..." if ch == ":" else "")
-    return text
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,7 +237,7 @@ def index_page(entries: list[dict], mode: str) -> str:
     rows = []
     for e in entries:
         rows.append(f'<tr><td><a href="{e["page"]}">{html.escape(e["title"])}</a></td>'
-                    f'<td>{_markdown(first_sentences(e["goal"]))}</td><td>{e["seconds"] or "not run"}</td></tr>')
+                    f'<td>{_markdown(e["goal"])}</td><td>{e["seconds"] or "not run"}</td></tr>')
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1.0">
@@ -269,7 +255,7 @@ td p {{ margin: 0; }}
 order. The 3D viewers of 07 and 08 are Plotly figures that draw in the page, offline; the widgets are shown as the
 run left them (a static snapshot): to move them, open the notebook in Jupyter or Colab.</p>
 <table id="series">
-<thead><tr><th>Notebook</th><th>Goal</th><th>Run time here (s)</th></tr></thead>
+<thead><tr><th>Notebook</th><th>Goal</th><th>Run time (s)</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody></table>

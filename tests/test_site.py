@@ -60,9 +60,8 @@ def test_title_and_goal_of_every_notebook():
     for p in NOTEBOOKS:
         title, goal = bs.title_and_goal(nbformat.read(p, as_version=4))
         assert re.match(r"\d\d\w? · ", title), (p.name, title)
-        assert len(goal) > 40, (p.name, goal)
-        short = bs.first_sentences(goal)
-        assert short.count("$") % 2 == 0 and len(short) <= max(len(goal), 0) + 4
+        assert len(goal) > 40 and "**Learning objectives.**" not in goal, (p.name, goal)
+        assert goal.count("$") % 2 == 0 and not goal.rstrip().endswith((":", ",")), (p.name, goal)
 
 
 def test_widget_snapshot_shows_controls_and_image():
@@ -92,12 +91,13 @@ def test_widget_snapshot_shows_controls_and_image():
 
 # ------------------------------------------------------------------------------------------ the whole site, built
 #
-# Executing all the notebooks takes ~8 minutes in quick mode on a busy 2-core machine, and CI already executes each
-# of them once (nbval, scripts/test.sh). The site's environment differs from nbval's in one thing only, the Plotly
-# renderer (DEQREG_STATIC_HTML=1 and PLOTLY_RENDERER unset instead of PLOTLY_RENDERER=json), and only the notebooks
-# that set a Plotly renderer (07 and 08, checked below) read it. So by default this test executes those two and
-# builds the other pages from their stored sources (the same pages, without outputs): every page, the index, the
-# prev/next chain and the links are still checked. DEQREG_SITE_FULL=1 executes every notebook, as `make site` does.
+# Executing all the notebooks took 750 s in quick mode (a 2-core machine busy with two training jobs), and CI already
+# executes each of them once (nbval, scripts/test.sh). The site's environment differs from nbval's in the Plotly
+# renderer (DEQREG_STATIC_HTML=1 and PLOTLY_RENDERER unset instead of PLOTLY_RENDERER=json), which only the notebooks
+# that set a Plotly renderer read (07 and 08, checked below), and in the Matplotlib backend (inline instead of Agg:
+# the same figures, kept as PNG outputs). So by default this test executes 07 and 08 and builds the other pages from
+# their stored sources (the same pages, without outputs): every page, the index, the prev/next chain and the links
+# are still checked. DEQREG_SITE_FULL=1 executes every notebook, as `make site` does (that run passed: 750 s).
 FULL = os.environ.get("DEQREG_SITE_FULL", "") not in ("", "0")
 RENDERER_NOTEBOOKS = {p.stem for p in NOTEBOOKS if "plotly_renderer(" in p.with_suffix(".py").read_text("utf-8")}
 
@@ -137,8 +137,14 @@ def test_site_one_page_per_notebook_and_index_links_all(site):
     names = [p.stem + ".html" for p in NOTEBOOKS]
     for i, name in enumerate(names):
         text = (out / name).read_text(encoding="utf-8")
-        assert (f'href="{names[i - 1]}" rel="prev"' in text) == (i > 0)
-        assert (f'href="{names[i + 1]}" rel="next"' in text) == (i + 1 < len(names))
+        if i > 0:
+            assert f'href="{names[i - 1]}" rel="prev"' in text, name
+        else:
+            assert 'rel="prev"' not in text, name
+        if i + 1 < len(names):
+            assert f'href="{names[i + 1]}" rel="next"' in text, name
+        else:
+            assert 'rel="next"' not in text, name
         assert f'href="{bs.LICENSE_PAGE}"' in text
 
 
