@@ -34,7 +34,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 CHROMIUM = os.environ.get("DEQREG_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-NOTEBOOK_TIMEOUT_S = 300  # per notebook, "Run All" in quick mode (about 10-40 s on an idle 2-core CPU)
+NOTEBOOK_TIMEOUT_S = 300  # per notebook, "Run All" in quick mode (30-200 s each on a busy 2-core CPU)
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (scripts/setup.sh)")
 if not Path(CHROMIUM).exists():
@@ -58,7 +58,9 @@ def _free_port() -> int:
 def _write_settings(folder: Path) -> None:
     """User settings for this server only: no autosave (nothing is written back), no news pop-up."""
     for plugin, value in {"@jupyterlab/docmanager-extension/plugin": {"autosave": False},
-                          "@jupyterlab/apputils-extension/notification": {"fetchNews": "false"}}.items():
+                          "@jupyterlab/apputils-extension/notification": {"fetchNews": "false"},
+                          # every cell stays in the DOM (JupyterLab 4 detaches cells scrolled out of view)
+                          "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"}}.items():
         path = folder / f"{plugin}.jupyterlab-settings"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(value))
@@ -123,7 +125,7 @@ def browser():
             b.close()
 
 
-PANEL = "window.jupyterapp.shell.currentWidget"
+PANEL = "(window.jupyterapp && window.jupyterapp.shell.currentWidget)"
 STATE_JS = f"""() => {{
   const w = {PANEL};
   const tab = document.querySelector('.lm-DockPanel .lm-TabBar-tab.lm-mod-current');
@@ -160,9 +162,10 @@ def _drag_to_middle(page, handle, track) -> None:
 
 
 def _move_widget_slider(page, label: str) -> tuple[str, str]:
-    slider = page.locator(".jp-Notebook .widget-slider", has=page.locator(".widget-label", has_text=label)).first
+    is_ours = page.locator(".widget-slider", has=page.locator(".widget-label").get_by_text(label, exact=True))
+    area = page.locator(".jp-OutputArea-output", has=is_ours).first  # the interactive: its slider and its output
+    slider = area.locator(".widget-slider", has=page.locator(".widget-label").get_by_text(label, exact=True)).first
     slider.scroll_into_view_if_needed()
-    area = page.locator(".jp-OutputArea-output", has=slider).first  # the interactive: its slider and its output
     before = area.inner_html()
     _drag_to_middle(page, slider.locator(".noUi-handle").first, slider.locator(".noUi-target").first)
     page.wait_for_function("([el, before]) => el.innerHTML !== before && !el.querySelector('.widget-output:empty')",
@@ -182,6 +185,7 @@ def _move_plotly_slider(page) -> tuple[str, str]:
     return before, plot.inner_html()
 
 
+@pytest.mark.browser
 @pytest.mark.parametrize("name", list(CASES))
 def test_notebook_opens_clean_runs_and_its_slider_redraws(lab, browser, name, tmp_path):
     base, token = lab
