@@ -174,7 +174,7 @@ def _move_widget_slider(page, label: str) -> tuple[str, str]:
 
 
 def _move_plotly_slider(page) -> tuple[str, str]:
-    plot = page.locator(".jp-OutputArea-output .js-plotly-plot", has=page.locator(".slider-container")).first
+    plot = page.locator(".jp-RenderedPlotly", has=page.locator(".slider-container")).first
     plot.scroll_into_view_if_needed()
     before = plot.inner_html()
     rail = plot.locator(".slider-container .slider-rail-rect").first
@@ -217,8 +217,19 @@ def test_notebook_opens_clean_runs_and_its_slider_redraws(lab, browser, name, tm
         t_run = time.time() - t0
 
         if case.get("plotly"):
-            page.wait_for_selector(".jp-OutputArea-output .js-plotly-plot .main-svg", timeout=60_000)
-            drawn = page.locator(".jp-OutputArea-output .js-plotly-plot").count()
+            mimes = page.evaluate(f"""() => {PANEL}.content.model.toJSON().cells.filter(c => c.cell_type === 'code')
+                .flatMap(c => c.outputs.map(o => Object.keys(o.data || {{}}).join(',')))""")
+            print(f"{name}: output mime types {mimes}")
+            assert any("application/vnd.plotly.v1+json" in m for m in mimes), f"{name}: no Plotly output: {mimes}"
+            try:
+                page.wait_for_selector(".jp-RenderedPlotly .main-svg", state="attached", timeout=120_000)
+            except Exception:
+                seen = page.evaluate("""() => ({rendered: document.querySelectorAll('.jp-RenderedPlotly').length,
+                    png: document.querySelectorAll('.jp-RenderedPlotly img.plot-img').length,
+                    plots: document.querySelectorAll('.js-plotly-plot').length,
+                    html: (document.querySelector('.jp-RenderedPlotly') || {outerHTML: ''}).outerHTML.slice(0, 600)})""")
+                pytest.fail(f"{name}: no Plotly figure drew in JupyterLab: {seen}")
+            drawn = page.locator(".jp-RenderedPlotly .main-svg").count()
             assert drawn >= 3, f"{name}: only {drawn} Plotly figures drawn"
             before, after = _move_plotly_slider(page)
         else:
