@@ -178,8 +178,8 @@ def _move_plotly_slider(page) -> tuple[str, str]:
     plot.scroll_into_view_if_needed()
     before = plot.inner_html()
     rail = plot.locator(".slider-container .slider-rail-rect").first
-    r = rail.bounding_box()
-    page.mouse.click(r["x"] + 0.5 * r["width"], r["y"] + r["height"] / 2)
+    rail.scroll_into_view_if_needed()  # the slider sits under a tall figure: bring it on screen before clicking
+    _drag_to_middle(page, plot.locator(".slider-container .slider-grip-rect").first, rail)
     page.wait_for_function("([el, before]) => el.innerHTML !== before", arg=[plot.element_handle(), before],
                            timeout=60_000)
     return before, plot.inner_html()
