@@ -13,6 +13,17 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
+# tests/test_browser.py drives Debian's chromium with Playwright (`playwright install` cannot download browsers
+# here): install the system package when it is missing (as root, with apt-get), quickly skipped when present.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing chromium (apt-get)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+      >/dev/null || echo "[setup] warning: chromium could not be installed; tests/test_browser.py will skip"
+  else
+    echo "[setup] chromium is missing: install it (e.g. apt-get install chromium) to run tests/test_browser.py"
+  fi
+fi
 stamp="$VENV/.deqreg_setup_stamp"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $TORCH"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
