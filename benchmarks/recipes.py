@@ -121,8 +121,8 @@ def run(recipe: str, iterations: int, out: Path, *, batch: int, n_val: int, seed
 NOTES = """
 Context, measured on this project's 2-core CPU (torch 2.13 CPU, one thread per run, several runs sharing the cores):
 
-* `paper` (undamped solve, tau 0.5 phantom), from `../shared/lessons.md` (beside the repository) (a 35-minute probe, 789 iterations at
-  batch 4, on 6 unseen real pairs at 80x96): relative residual 0.42 after 48 steps, spectral radius 2.1-2.7 at the
+* `paper` (undamped solve, tau 0.5 phantom), an earlier probe on this machine kind (35 minutes, 789 iterations at
+  batch 4, measured on 6 real inter-subject pairs at 80x96 that the project does not hold): relative residual 0.42 after 48 steps, spectral radius 2.1-2.7 at the
   returned field, largest move from 48 to 500 steps 6.3 voxels. The shipped (warm-started) DEQReg-12:
   spectral radius 2.64 with Rayleigh quotient -2.64 (`results/certificate.md`): a negative, real dominant
   eigenvalue, i.e. the undamped solve overshoots, which is what a network trained through tau = 0.5 damped phantom
