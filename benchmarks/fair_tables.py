@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from deqreg_lite.checkpoints import load_checkpoint
 from deqreg_lite.config import checkpoints_dir
 from deqreg_lite.datasets.pairs import PairDataset
 from deqreg_lite.evaluate import evaluate, step_sweep, wilcoxon
@@ -51,9 +52,10 @@ SIZE = (160, 192)
 
 
 def load(path: Path) -> HalfResolution:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint (shipped file or a run's ``best.pt``), read once, wrapped at its resolution factor (default 2)."""
+    ckpt = load_checkpoint(path, "cpu")
     factor = int((ckpt.get("extra") or {}).get("factor", 2))
-    return HalfResolution(RegistrationMethod.from_checkpoint(path), factor).eval()
+    return HalfResolution(RegistrationMethod.from_checkpoint(ckpt), factor).eval()
 
 
 def pairs(n: int) -> dict[str, list]:
@@ -119,8 +121,7 @@ def run(ckpt_dir: Path, runs: Path | None, n: int, steps: tuple, long_steps: int
             for folder in sorted(runs.glob(f"{name}-seed*")):
                 if not (folder / "best.pt").is_file():
                     continue
-                m = HalfResolution(RegistrationMethod.from_checkpoint(folder / "best.pt"), 2).eval()
-                t = evaluate(m, data["heldout"], memory=False, hd95=False, name=folder.name)
+                t = evaluate(load(folder / "best.pt"), data["heldout"], memory=False, hd95=False, name=folder.name)
                 res["seeds"].setdefault(name, {})[folder.name] = summary(t, ("dice", "folding_pct"))
     return res
 

@@ -300,13 +300,10 @@ if E.elastix_available():
 else:
     notes.append("elastix is not installed (`pip install itk-elastix`).")
 # A paired Wilcoxon test with n pairs cannot give p below 2 / 2^n (0.0625 for 5 pairs): test only with 6 or more.
-N_MIN_TEST = 6
+N_MIN_TEST = E.min_pairs_for_test()
 reference = "classical" if len(pairs) >= N_MIN_TEST else None
 if reference is None:
-    notes.append(f"{len(pairs)} pair{'s' if len(pairs) > 1 else ''}: no significance test is run (a paired Wilcoxon "
-                 f"test needs at least {N_MIN_TEST} pairs to reach p < 0.05), "
-                 + ("and the std in brackets is 0 by construction." if len(pairs) == 1 else
-                    "and the std is over these pairs only."))
+    notes.append(E.no_test_note(len(pairs)))
 display(Markdown(E.table1(tables, reference=reference) + "\n\n" + " ".join(f"*{n}*" for n in notes)))
 s_id, s_cl = tables["identity"].summary(), tables["classical"].summary()
 assert s_cl["dice"] > s_id["dice"] and s_cl["hd95"] <= s_id["hd95"] + 1e-6

@@ -299,3 +299,13 @@ def test_convergence_columns_for_deq_methods(pairs):
         assert "| worst |" not in t.to_markdown()
     with pytest.raises(ValueError, match="certificate"):
         ev.evaluate(deq, pairs[:1], memory=False, certificate="yes")
+
+
+def test_min_pairs_for_a_wilcoxon_test_and_the_note_without_one():
+    from deqreg_lite.evaluate import min_pairs_for_test, no_test_note
+
+    assert min_pairs_for_test() == 6 and min_pairs_for_test(0.01) == 8  # 2/2^6 < 0.05 <= 2/2^5; 2/2^8 < 0.01
+    assert "at least 6 pairs" in no_test_note(1) and "0 by construction" in no_test_note(1)
+    assert no_test_note(3).startswith("3 pairs") and "over these pairs only" in no_test_note(3)
+    with pytest.raises(ValueError, match="alpha"):
+        min_pairs_for_test(1.5)

@@ -27,10 +27,10 @@ from ..methods.baselines import (
 )
 from .cost import training_cost, training_memory
 from .run import DEFAULT_SWEEP_STEPS, MethodCall, as_method, evaluate, evaluate_elastix, pair_metrics, step_sweep
-from .stats import wilcoxon
+from .stats import min_pairs_for_test, no_test_note, wilcoxon
 from .tables import Table, format_table, table1, table2, trained_vs_best
 
 __all__ = ["pair_metrics", "format_table", "Table", "evaluate", "identity_method", "classical_method",
            "elastix_method", "elastix_available", "evaluate_elastix", "training_memory", "training_cost",
            "step_sweep", "trained_vs_best", "table2", "wilcoxon", "table1", "DEFAULT_SWEEP_STEPS",
-           "ELASTIX_INSTALL_HINT", "save_l2r_disp", "load_l2r_disp", "as_method", "MethodCall"]
+           "ELASTIX_INSTALL_HINT", "min_pairs_for_test", "no_test_note", "save_l2r_disp", "load_l2r_disp", "as_method", "MethodCall"]

@@ -78,3 +78,24 @@ def wilcoxon(table_a: PerPairTable, table_b: PerPairTable, metric: str = "dice",
     if np.all(a == b):
         return 1.0
     return float(stats.wilcoxon(a, b, alternative=alternative).pvalue)
+
+
+def min_pairs_for_test(alpha: float = 0.05) -> int:
+    """The fewest pairs with which a two-sided paired Wilcoxon signed-rank test can give ``p < alpha``: with ``n``
+    pairs and no ties the smallest p is ``2 / 2^n``, so 6 for ``alpha = 0.05`` (5 pairs reach only 0.0625)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    n = 1
+    while 2.0 / 2 ** n >= alpha:
+        n += 1
+    return n
+
+
+def no_test_note(n_pairs: int, alpha: float = 0.05) -> str:
+    """Why no significance test is reported for ``n_pairs`` pairs (fewer than :func:`min_pairs_for_test`), and what
+    the std beside a mean then means: a sentence for under a table."""
+    need = min_pairs_for_test(alpha)
+    return (f"{n_pairs} pair{'s' if n_pairs != 1 else ''}: no significance test is run (a paired Wilcoxon test needs "
+            f"at least {need} pairs to reach p < {alpha:g}), "
+            + ("and the std in brackets is 0 by construction." if n_pairs == 1 else
+               "and the std is over these pairs only."))
