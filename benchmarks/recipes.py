@@ -23,6 +23,8 @@ Recipes (``RECIPES``):
 
     python benchmarks/recipes.py --recipe damped --iterations 600       # writes results/recipes/damped.json
     python benchmarks/recipes.py --recipe damped --iterations 900 --resume
+    python benchmarks/recipes.py --measure-run RUN/last.pt --label NAME  # measure a run's checkpoint (e.g. a
+                                                                         # stage of scripts/train_pretrained.py)
     python benchmarks/recipes.py --table                                # results/recipes.md from the JSON files
     python benchmarks/recipes.py --quick                                # smoke run (CI), to a temporary folder
 """
@@ -165,6 +167,28 @@ def table(folder: Path) -> str:
     return "\n".join(lines) + "\n" + NOTES
 
 
+def measure_run(path: Path, label: str, *, n_val: int, long_steps: int, note: str = "") -> dict:
+    """Measure a training run's checkpoint (``path``, e.g. ``runs/.../deqreg-seed0/last.pt``; its ``log.jsonl`` beside
+    it gives the training time) on the same validation pairs as :func:`run`."""
+    from deqreg_lite.checkpoints import load_checkpoint
+    from deqreg_lite.methods.base import RegistrationMethod
+    ckpt = load_checkpoint(path, "cpu")
+    model = RegistrationMethod.from_checkpoint(ckpt)
+    val_ds = PairDataset("val", n_val, TRAIN_SIZE)
+    result = measure(model, [val_ds[i] for i in range(len(val_ds))], long_steps)
+    log = Path(path).with_name("log.jsonl")
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    train_s = sum(r.get("time_s", 0.0) * 25 for r in rows if r.get("split") == "train")
+    defaults = DEQReg(2).config()
+    result.update({"recipe": label, "kwargs": {k: v for k, v in ckpt["config"].items() if defaults.get(k) != v},
+                   "iterations": int(ckpt["iteration"]), "batch": 1, "lr": None, "seed": None,
+                   "train_time_s": round(train_s, 1), "note": note, "checkpoint": str(path),
+                   "val_history": [r for r in rows if r.get("split") == "val"][-4:],
+                   "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "machine": platform.platform(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat()})
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES))
@@ -180,6 +204,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="folder of the runs' checkpoints (default results/recipes_runs)")
     p.add_argument("--table", action="store_true", help="write results/recipes.md from results/recipes/*.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 iterations of 'damped_jac', 20 long steps")
+    p.add_argument("--measure-run", default=None, help="measure this run checkpoint instead of training a recipe")
+    p.add_argument("--label", default=None, help="the table row of --measure-run (results/recipes/<label>.json)")
+    p.add_argument("--note", default="", help="what --measure-run's checkpoint is (kept in its JSON)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.table:
@@ -192,6 +219,15 @@ def main(argv=None) -> int:
             r = run("damped_jac", 2, Path(tmp), batch=1, n_val=2, seed=0, resume=False, lr=args.lr,
                     val_every=0, long_steps=20)
             print(json.dumps(r["mean"], indent=1))
+        return 0
+    if args.measure_run:
+        if not args.label:
+            p.error("--measure-run needs --label")
+        r = measure_run(Path(args.measure_run), args.label, n_val=args.n_val, long_steps=args.long_steps,
+                        note=args.note)
+        (RESULTS / "recipes").mkdir(parents=True, exist_ok=True)
+        (RESULTS / "recipes" / f"{args.label}.json").write_text(json.dumps(r, indent=1) + "\n")
+        print(json.dumps(r["mean"], indent=1))
         return 0
     if not args.recipe:
         p.error("--recipe is required (or --table / --quick)")

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -66,6 +67,15 @@ def run_dir(runs: Path, name: str, seed: int) -> Path:
     return runs / f"{name}-seed{seed}"
 
 
+def _trainer(method: nn.Module, cfg: dict, folder: Path, seed: int, iterations: int, overwrite: bool) -> Trainer:
+    train = PairDataset("train", N_TRAIN, TRAIN_SIZE, kinds=TRAIN_KINDS, seed=seed)
+    val = PairDataset("val", VAL_PAIRS, TRAIN_SIZE, include_real=False)
+    return Trainer(method, RegistrationLoss(lam=LAM), train, val, lr=cfg["lr"], batch_size=cfg["batch_size"],
+                   iterations=iterations, val_every=VAL_EVERY, checkpoint_dir=folder, checkpoint_every=CHECKPOINT_EVERY,
+                   log_every=25, seed=seed, device="cpu", progress=False, log_path=folder / "log.jsonl",
+                   overwrite=overwrite)
+
+
 def train_run(name: str, seed: int, runs: Path, *, iterations: Optional[int] = None, resume: bool = True,
               log: Callable[[str], None] = print, kwargs: Optional[dict] = None) -> dict:
     """Train ``name`` with ``seed`` from scratch into ``runs/<name>-seed<seed>/`` (``last.pt`` every
@@ -73,29 +83,39 @@ def train_run(name: str, seed: int, runs: Path, *, iterations: Optional[int] = N
     ``last.pt`` is continued. ``kwargs`` replace the method's constructor options of ``SETTINGS`` (recipe
     experiments; recorded in the summary's ``config``). Returns the run's summary (also written to ``run.json``)."""
     cfg = dict(SETTINGS[name])
-    if kwargs:
-        cfg["kwargs"] = {**cfg["kwargs"], **kwargs}
+    stages = [(0, dict(cfg["kwargs"]))] + [(start, {**cfg["kwargs"], **upd}) for start, upd in cfg.get("stages", ())]
+    if kwargs:  # a recipe experiment: one stage with these options
+        stages = [(0, {**cfg["kwargs"], **kwargs})]
     its = int(iterations if iterations is not None else cfg["iterations"])
     folder = run_dir(runs, name, seed)
-    torch.manual_seed(seed)
-    method = build_method(name, 2, **cfg["kwargs"])
-    train = PairDataset("train", N_TRAIN, TRAIN_SIZE, kinds=TRAIN_KINDS, seed=seed)
-    val = PairDataset("val", VAL_PAIRS, TRAIN_SIZE, include_real=False)
     cont = resume and (folder / "last.pt").is_file()
-    trainer = Trainer(method, RegistrationLoss(lam=LAM), train, val, lr=cfg["lr"], batch_size=cfg["batch_size"],
-                      iterations=its, val_every=VAL_EVERY, checkpoint_dir=folder, checkpoint_every=CHECKPOINT_EVERY,
-                      log_every=25, seed=seed, device="cpu", progress=False, log_path=folder / "log.jsonl",
-                      overwrite=not cont)
-    if cont:
-        trainer.resume()
-        trainer.iterations = its
-        log(f"[{name} seed {seed}] resumed at iteration {trainer.iteration}")
+    done = int(load_checkpoint(folder / "last.pt", "cpu")["iteration"]) if cont else 0
     t0 = time.perf_counter()
-    trainer.fit()
+    for i, (start, options) in enumerate(stages):
+        end = min(its, stages[i + 1][0]) if i + 1 < len(stages) else its
+        if i + 1 < len(stages) and done >= end:
+            continue  # this stage is behind the run
+        torch.manual_seed(seed)
+        method = build_method(name, 2, **options)
+        trainer = _trainer(method, cfg, folder, seed, end, overwrite=not cont)
+        if cont:
+            with warnings.catch_warnings():
+                if i > 0:  # the checkpoint holds the previous stage's options: expected
+                    warnings.filterwarnings("ignore", message="the checkpoint's method config")
+                trainer.resume()
+            trainer.iterations = end
+            if i > 0 and done == start:  # entering a later stage: select among its checkpoints only
+                trainer._best_dice = -math.inf
+            log(f"[{name} seed {seed}] resumed at iteration {trainer.iteration} (stage {i + 1}/{len(stages)}: "
+                f"{options})")
+        trainer.fit()
+        done, cont = trainer.iteration, True
     rows = trainer.history
     train_s = sum(r["time_s"] * 25 for r in rows if r.get("split") == "train" and "time_s" in r)
     vals = [r for r in rows if r.get("split") == "val"]
-    best = max(vals, key=lambda r: r["dice"]) if vals else None
+    last_start = max(start for start, _ in stages if start == 0 or start < trainer.iteration)
+    eligible = [r for r in vals if r["iteration"] > last_start] if last_start else vals  # as best.pt was chosen
+    best = max(eligible, key=lambda r: r["dice"]) if eligible else None
     summary = {"name": name, "seed": seed, "config": method.config(), "iterations": trainer.iteration,
                "budget": its, "lr": cfg["lr"], "schedule": "constant", "weight_decay": trainer.weight_decay,
                "batch_size": cfg["batch_size"], "lam": LAM, "init": "scratch",
@@ -104,7 +124,8 @@ def train_run(name: str, seed: int, runs: Path, *, iterations: Optional[int] = N
                "val_curve": [{k: r[k] for k in ("iteration", "dice", "folding_pct") if k in r} for r in vals],
                "train_time_s": round(train_s, 1), "this_call_s": round(time.perf_counter() - t0, 1),
                "threads": torch.get_num_threads(), "torch_version": str(torch.__version__),
-               "device": "cpu", "data": DATA, "selection": SELECTION}
+               "device": "cpu", "data": DATA, "selection": SELECTION,
+               "stages": [{"from": start, "options": options} for start, options in stages]}
     (folder / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
     log(f"[{name} seed {seed}] done: {trainer.iteration} steps, best val Dice "
         f"{best['dice'] if best else float('nan'):.4f} at {summary['selected_iteration']}, {train_s:.0f} s")

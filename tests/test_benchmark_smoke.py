@@ -47,3 +47,29 @@ def test_train_pretrained_runs_resumes_and_exports(tmp_path):
     assert rec["selection"] and rec["data"]["subjects"] and rec["lr"] == pytest.approx(1e-3)
     from deqreg_lite.methods.base import RegistrationMethod
     assert RegistrationMethod.from_checkpoint(tmp_path / "ckpt" / "voxelmorph.pt").name == "voxelmorph"
+
+
+def test_train_pretrained_stages_switch_options_and_select_in_the_last_stage(tmp_path, monkeypatch):
+    """A recipe in stages: the later stage's options take over at its step (resuming the same run), and best.pt is
+    chosen among the last stage's checkpoints only."""
+    import importlib.util
+
+    from deqreg_lite.checkpoints import load_checkpoint
+    spec = importlib.util.spec_from_file_location("train_pretrained_under_test",
+                                                  REPO / "scripts" / "train_pretrained.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = {"kwargs": {"T": 3, "S": 1, "damping": 0.5, "leak": 0.5}, "iterations": 4, "lr": 1e-3, "batch_size": 1,
+           "stages": ((2, {"solver": "anderson", "jac_weight": 0.1, "jac_power": 1, "jac_target": 0.5}),)}
+    monkeypatch.setitem(mod.SETTINGS, "deqreg", cfg)
+    monkeypatch.setattr(mod, "VAL_EVERY", 1)
+    monkeypatch.setattr(mod, "VAL_PAIRS", 1)
+    logs: list[str] = []
+    summary = mod.train_run("deqreg", 0, tmp_path, log=logs.append)
+    assert summary["iterations"] == 4 and summary["init"] == "scratch"
+    assert [s["from"] for s in summary["stages"]] == [0, 2]
+    assert summary["config"]["solver"] == "anderson" and summary["config"]["jac_power"] == 1
+    assert any("resumed at iteration 2 (stage 2/2" in line for line in logs)
+    best = load_checkpoint(tmp_path / "deqreg-seed0" / "best.pt", "cpu")
+    assert best["iteration"] >= 2 and best["config"]["solver"] == "anderson"
+    assert summary["selected_iteration"] >= 2
