@@ -47,3 +47,14 @@ def test_train_pretrained_runs_resumes_and_exports(tmp_path):
     assert rec["selection"] and rec["data"]["subjects"] and rec["lr"] == pytest.approx(1e-3)
     from deqreg_lite.methods.base import RegistrationMethod
     assert RegistrationMethod.from_checkpoint(tmp_path / "ckpt" / "voxelmorph.pt").name == "voxelmorph"
+
+
+def test_memory_vs_steps_quick_measures_the_checkpointed_deqreg(tmp_path):
+    text = _run("memory_vs_steps.py", "--quick", "--out", str(tmp_path))
+    assert "deqreg ckpt" in text and "with checkpointed phantom steps" in text
+    import json
+    result = json.loads((tmp_path / "memory_vs_steps.json").read_text())
+    for case in result["cases"]:
+        s = case["summary"]
+        assert s["ckpt_over_voxelmorph"] < s["deqreg_over_voxelmorph"] and s["ckpt_time"]["ratio"] > 0
+    assert "checkpoint_phantom=True" in (tmp_path / "memory_vs_steps.md").read_text()
