@@ -126,7 +126,8 @@ def phantom(f: Map, z: Tensor, K: int, tau: float, checkpoint: bool = False) -> 
     DEQReg (S = 3, K = 3, T = 48, batch 1; the CPU's saved-for-backward peak, ``benchmarks/memory_vs_steps.py``):
     55.5 -> 18.9 MiB at 2D 128x128 (2.89x -> 0.98x VoxelMorph's) and 97.4 -> 33.8 MiB at 3D 32^3 (2.82x -> 0.98x),
     for a training step 1.19x and 1.20x as long (process CPU time, the 48 solver calls included). One recomputed
-    call of ``f`` is the floor of per-step checkpointing. Under ``torch.no_grad()`` the option changes nothing.
+    call of ``f`` is the floor of per-step checkpointing. Under ``torch.no_grad()`` the option changes nothing. The
+    first checkpointed step of a process also pays a one-off import inside torch (``torch._dynamo``: 3 s here).
 
     Args:
         f: the map ``(B, ...) -> (B, ...)``.
