@@ -73,3 +73,13 @@ def test_train_pretrained_stages_switch_options_and_select_in_the_last_stage(tmp
     best = load_checkpoint(tmp_path / "deqreg-seed0" / "best.pt", "cpu")
     assert best["iteration"] >= 2 and best["config"]["solver"] == "anderson"
     assert summary["selected_iteration"] >= 2
+
+def test_memory_vs_steps_quick_measures_the_checkpointed_deqreg(tmp_path):
+    text = _run("memory_vs_steps.py", "--quick", "--out", str(tmp_path))
+    assert "deqreg ckpt" in text and "with checkpointed phantom steps" in text
+    import json
+    result = json.loads((tmp_path / "memory_vs_steps.json").read_text())
+    for case in result["cases"]:
+        s = case["summary"]
+        assert s["ckpt_over_voxelmorph"] < s["deqreg_over_voxelmorph"] and s["ckpt_time"]["ratio"] > 0
+    assert "checkpoint_phantom=True" in (tmp_path / "memory_vs_steps.md").read_text()

@@ -70,21 +70,22 @@ LEGACY = {
     "unrolling_ml": {"ndim": 2, "levels": 3, "steps_per_level": 3},
     "gradirn": {"ndim": 2, "levels": 3, "steps_per_level": 3, "eta_init": 1.0},
     "riir": {"ndim": 2, "T": 6, "hidden": 16, "use_grad": True},
-    # + the recipe options added later (damping, jac_weight, jac_eps); configs saved before them (the shipped
-    # checkpoints of that time) lack them and rebuild with their defaults, the paper's undamped solve
+    # + the recipe options added later (damping, jac_weight, jac_eps, ..., checkpoint_phantom); configs saved before
+    # them (the shipped checkpoints of that time) lack them and rebuild with their defaults, the paper's undamped
+    # solve without checkpointing
     "deqreg": {"ndim": 2, "T": 48, "S": 3, "gamma": 0.5, "K": 3, "tau": 0.5, "solver": "fixed_point", "tol": 1e-3,
                "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2, "leak": 0.0, "jac_power": 0,
-               "jac_target": 0.0},
+               "jac_target": 0.0, "checkpoint_phantom": False},
     "deqreg12": {"ndim": 2, "T": 12, "S": 0, "gamma": 0.5, "K": 3, "tau": 0.5, "solver": "fixed_point",
                  "tol": 1e-3, "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2, "leak": 0.0, "jac_power": 0,
-               "jac_target": 0.0},
+               "jac_target": 0.0, "checkpoint_phantom": False},
 }
 OPTIONS = {"voxelmorph": {}, "unrolling": {"T": 5}, "unrolling_ml": {"levels": 2, "steps_per_level": 4},
            "gradirn": {"levels": 2, "steps_per_level": 2, "eta_init": 0.5},
            "riir": {"T": 4, "hidden": 8, "use_grad": False},
            "deqreg": {"T": 10, "S": 2, "gamma": 1, "K": 2, "tau": 0.25, "solver": "anderson", "tol": 1e-4,
                       "damping": 0.5, "jac_weight": 0.1, "jac_eps": 0.05, "leak": 0.25},
-           "deqreg12": {"T": 6, "tol": 0}}
+           "deqreg12": {"T": 6, "tol": 0, "checkpoint_phantom": True}}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
