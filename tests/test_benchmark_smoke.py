@@ -74,6 +74,7 @@ def test_train_pretrained_stages_switch_options_and_select_in_the_last_stage(tmp
     assert best["iteration"] >= 2 and best["config"]["solver"] == "anderson"
     assert summary["selected_iteration"] >= 2
 
+
 def test_memory_vs_steps_quick_measures_the_checkpointed_deqreg(tmp_path):
     text = _run("memory_vs_steps.py", "--quick", "--out", str(tmp_path))
     assert "deqreg ckpt" in text and "with checkpointed phantom steps" in text
