@@ -144,6 +144,14 @@ Context, measured on this project's 2-core CPU (torch 2.13 CPU, one thread per r
   sat at identity level for 1000 steps (val Dice 0.441-0.445; its hinge never became active) and was stopped: like
   the runs without a penalty, it did not leave identity, while both runs with the Hutchinson penalty did (one seed
   each).
+* Stages of the equal-budget run (rows `stage*`, measured with `--measure-run`): the step-1800 checkpoint of stage 1
+  (`stage1_at_1800`); 200 steps of the aimed hinge (weight 0.3, target 0.8) with the damped fixed-point solve kept
+  (`stage2_fixedpoint_...`) or with Anderson in training (continued to 450 steps: `stage2_anderson_..._w0.3_t0.8`);
+  and that Anderson run tightened after its first 200 steps to weight 1, target 0.7, 6 power steps, for 250 steps
+  (`stage2_anderson_aimed_w1_t0.7`). Only the tight hinge made the map a contraction on every validation pair, at
+  a cost in Dice at that point of training (0.551 against 0.707 at step 1800). Going from the step-1800 checkpoint
+  straight to the tight hinge diverged: the training loss reached 1e8 and the solve returned NaN by step 2150 (val
+  Dice 0.443 at step 2000), so `presets.DEQ_STAGES` tightens in two steps (1800, 2000).
 """
 
 

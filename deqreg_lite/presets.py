@@ -18,7 +18,8 @@ from __future__ import annotations
 from .pretrained import INPUT_SIZE, PRETRAINED, TRAIN_SIZE
 
 __all__ = ["PRESETS", "DATASET_DIRS", "SETTINGS", "TRAIN_ORDER", "TRAIN_KINDS", "LAM", "PRETRAINED_LR",
-           "PRETRAINED_BUDGET", "PRETRAINED_BATCH", "DEQ_RECIPE", "DEQ_STAGE2", "DEQ_STAGE2_FROM", "SEEDS", "SELECTION", "TRAIN_SIZE", "INPUT_SIZE",
+           "PRETRAINED_BUDGET", "PRETRAINED_BATCH", "DEQ_RECIPE", "DEQ_STAGES", "SEEDS", "SELECTION", "TRAIN_SIZE",
+           "INPUT_SIZE",
            "PRETRAINED"]
 
 # ----------------------------------------------------------------------------------- the shipped 2D checkpoints
@@ -35,21 +36,23 @@ PRETRAINED_LR = 1e-3
 PRETRAINED_BUDGET = 5000
 #: pairs per optimizer step.
 PRETRAINED_BATCH = 1
-#: the DEQ recipe of the retrained DEQReg and DEQReg-12, stage 1 (``benchmarks/recipes.py``, ``results/recipes.md``):
+#: the DEQ recipe of the retrained DEQReg and DEQReg-12, stage 1 (from step 0; ``benchmarks/recipes.py``, ``results/recipes.md``):
 #: the forward solve iterates the damped map that the phantom gradient unrolls (``damping = tau = 0.5``); a fixed leak
 #: (``g = phi + UNet(...) - 0.5 phi``) makes the untrained map a contraction, so training leaves identity at once;
 #: a Hutchinson Jacobian penalty on the iteration map at ``phi*`` keeps its mean squared singular value small as it
 #: learns (without it the training residual rose from 1e-3 to 0.5 within 150 steps).
 DEQ_RECIPE = {"damping": 0.5, "leak": 0.5, "jac_weight": 0.3}
-#: stage 2 of the DEQ recipe, from optimizer step :data:`DEQ_STAGE2_FROM` to the end of the budget: Anderson solves
-#: the fixed point in training (stage 1's damped iteration stalls at a relative residual of 1e-2 .. 3e-2 after 48
-#: steps, so the penalty and the phantom gradient were taken away from the fixed point), and the penalty is aimed
-#: at the dominant direction (``jac_power`` power-iteration steps) with a hinge at ``jac_target``: the Hutchinson
-#: probe kept the mean squared singular value near 0.1 while single directions stayed above 1 (spectral radius
-#: 1.07 / 1.11 on 2 of 4 validation pairs at step 1800). Measured in ``benchmarks/results/recipes.md``.
-DEQ_STAGE2 = {"solver": "anderson", "jac_weight": 1.0, "jac_power": 6, "jac_target": 0.7}
-#: the optimizer step at which stage 2 starts (36% of :data:`PRETRAINED_BUDGET`).
-DEQ_STAGE2_FROM = 1800
+#: the later stages of the DEQ recipe, ``(first optimizer step, options)``: from step 1800, Anderson solves the fixed
+#: point in training (stage 1's damped iteration stalls at a relative residual of 1e-2 .. 3e-2 after 48 steps, so the
+#: penalty and the phantom gradient were taken away from the fixed point) and the penalty is aimed at the dominant
+#: direction (``jac_power`` power-iteration steps) with a hinge at ``jac_target``: the Hutchinson probe kept the mean
+#: squared singular value near 0.1 while single directions stayed above 1 (spectral radius up to 1.11 on the
+#: validation pairs at step 1800). From step 2000 the hinge is tightened (weight 1, target 0.7, 6 power steps):
+#: with weight 0.3 and target 0.8 the spectral radius stayed at 1.01 (mean) / 1.13 (max) after 450 steps. Going
+#: straight from stage 1 to the tight hinge diverged (the loss reached 1e8 within 350 steps); the two steps did not.
+#: Measured in ``benchmarks/results/recipes.md``.
+DEQ_STAGES = ((1800, {"solver": "anderson", "jac_weight": 0.3, "jac_power": 4, "jac_target": 0.8}),
+              (2000, {"solver": "anderson", "jac_weight": 1.0, "jac_power": 6, "jac_target": 0.7}))
 #: per method: constructor options (``stages``: later options from a given step on), iterations, AdamW learning rate; every model starts from scratch
 #: (``init: "scratch"`` in the manifest) and is selected by the best validation Dice (``best.pt`` of its run).
 SETTINGS: dict[str, dict] = {
@@ -58,8 +61,8 @@ SETTINGS: dict[str, dict] = {
     "unrolling": {"kwargs": {"T": 3}},
     "gradirn": {"kwargs": {}},
     "riir": {"kwargs": {}},
-    "deqreg12": {"kwargs": dict(DEQ_RECIPE), "stages": ((DEQ_STAGE2_FROM, dict(DEQ_STAGE2)),)},
-    "deqreg": {"kwargs": dict(DEQ_RECIPE), "stages": ((DEQ_STAGE2_FROM, dict(DEQ_STAGE2)),)},
+    "deqreg12": {"kwargs": dict(DEQ_RECIPE), "stages": DEQ_STAGES},
+    "deqreg": {"kwargs": dict(DEQ_RECIPE), "stages": DEQ_STAGES},
 }
 for _cfg in SETTINGS.values():
     _cfg.update(iterations=PRETRAINED_BUDGET, lr=PRETRAINED_LR, batch_size=PRETRAINED_BATCH)
