@@ -211,6 +211,19 @@ def kmeans_1d(values: np.ndarray, k: int = 3, iterations: int = 100) -> tuple[np
     return rank[lab], centres[order]
 
 
+def derived_tissue_labels(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Approximate *derived* tissue labels of a stored uint8 slice (not a manual or atlas segmentation).
+
+    A 3-class k-means (:func:`kmeans_1d`) of the intensities inside ``mask``, after a Gaussian smoothing of
+    ``SMOOTH_FOR_KMEANS`` pixels: darkest class 1 (CSF), middle 2 (GM), brightest 3 (WM); 0 outside ``mask``.
+    """
+    smooth = ndi.gaussian_filter(image.astype(np.float32) / 255.0, SMOOTH_FOR_KMEANS)
+    classes, _ = kmeans_1d(smooth[mask].astype(np.float64))
+    seg = np.zeros(image.shape, dtype=np.uint8)
+    seg[mask] = classes.astype(np.uint8) + 1
+    return seg
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # samples
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,13 +244,9 @@ def build_2d(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, dipy_slice: np.ndar
     m_box = bounding_box(m_mask, MARGIN_2D)
     moving = to_uint8(crop_resize(scale_intensities(m_img, m_mask), m_box, OUT_2D))
     m_mask_r = crop_resize(m_mask.astype(np.float32), m_box, OUT_2D) > 0.5
-    # Approximate derived labels: 3-class k-means of the stored (uint8) intensities inside the brain mask,
-    # after a light Gaussian smoothing; darkest class CSF, middle GM, brightest WM. Partial volume at the brain's
-    # edge and deep grey matter (thalamus, labelled GM in the template's maps) are where it differs most.
-    smooth = ndi.gaussian_filter(moving.astype(np.float32) / 255.0, SMOOTH_FOR_KMEANS)
-    classes, _ = kmeans_1d(smooth[m_mask_r].astype(np.float64))
-    moving_seg = np.zeros(OUT_2D, dtype=np.uint8)
-    moving_seg[m_mask_r] = classes.astype(np.uint8) + 1
+    # Approximate derived labels (see derived_tissue_labels). Partial volume at the brain's edge and deep grey
+    # matter (thalamus, labelled GM in the template's maps) are where they differ most from the template's.
+    moving_seg = derived_tissue_labels(moving, m_mask_r)
 
     f_size = [s.stop - s.start for s in f_box]
     m_size = [s.stop - s.start for s in m_box]
