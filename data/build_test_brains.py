@@ -61,7 +61,7 @@ It writes, deterministically (no random numbers):
   ``subjects``, ``sources``, ``brain_masks`` (how the mask was made), ``brain_ap_mm``, ``yaw_roll_deg``,
   ``bias_range`` (1st and 99th percentiles of the bias field inside the brain);
   ``pairs`` (``(plane, fixed subject, moving subject)`` rows: all ordered inter-subject pairs at matched planes);
-  ``labels``, ``label_names``, ``fractions``, ``axes``. Load it with :func:`deqreg_lite.datasets.test_brain_pairs`.
+  ``labels``, ``label_names``, ``fractions``, ``axes``. Load it with :func:`deqreg_lite.datasets.unseen_brain_pairs`.
 * a section of ``LICENSES.md`` (the three packages' licence texts, what is known of the images, how the file was
   derived), replaced in place if present, appended otherwise; the rest of the file is kept.
 

@@ -2,7 +2,7 @@
 
 * :func:`load_sample` / :func:`available_samples` - ``brain2d`` (an inter-subject 2D T1 pair) and ``brain3d``
   (a 3D template with a known random deformation), from ``data/samples``;
-* :func:`test_brain_pairs` - the test set of real unseen brains (``brain2d_test``): 30 inter-subject 2D pairs of
+* :func:`unseen_brain_pairs` - the test set of real unseen brains (``brain2d_test``): 30 inter-subject 2D pairs of
   three brains never used in training, at five matched coronal planes;
 * :mod:`.synthetic` - SynthMorph-style random label maps and intensities, random smooth diffeomorphisms,
   :func:`deform_sample` and :func:`synthetic_pair`.
@@ -15,7 +15,7 @@ Every loader returns the same sample dict: ``fixed``, ``moving`` (float ``(1, 1,
 ``ids``, and ``true_disp`` when the deformation is known.
 """
 from .pairs import PAIR_KEYS, PAIR_KINDS, SEED_RANGES, PairDataset, brain_pairs, collate, item_seed
-from .samples import SAMPLES, TEST_PAIR_KEYS, available_samples, load_sample, sample_path, test_brain_pairs
+from .samples import SAMPLES, TEST_PAIR_KEYS, available_samples, load_sample, sample_path, unseen_brain_pairs
 from .synthetic import (
     Deformed,
     IntensityChange,
@@ -36,7 +36,7 @@ from .learn2reg import load_l2r_disp, save_l2r_disp
 from .download import SOURCES, ChecksumError, DownloadError, Source, UnsafeArchiveError, download, safe_extract
 
 __all__ = [
-    "SAMPLES", "available_samples", "load_sample", "sample_path", "test_brain_pairs", "TEST_PAIR_KEYS",
+    "SAMPLES", "available_samples", "load_sample", "sample_path", "unseen_brain_pairs", "TEST_PAIR_KEYS",
     "Deformed", "IntensityChange", "apply_intensity_change", "bias_field", "deform_sample", "random_deformation",
     "random_intensities", "random_intensity_change", "random_label_map", "random_velocity", "smooth_noise",
     "synthetic_pair",

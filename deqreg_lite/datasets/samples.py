@@ -33,7 +33,7 @@
     30 ordered inter-subject pairs at matched planes. Each slice is skull-stripped, bias-corrected, cropped to its
     brain bounding box and resized to 160 x 192 like ``brain2d``; labels 1 CSF, 2 GM, 3 WM are a derived 3-class
     k-means (the rule of ``brain2d``'s dipy slice), not an expert segmentation. Load the pairs with
-    :func:`test_brain_pairs` (``load_sample`` does not take this name). Rebuild with
+    :func:`unseen_brain_pairs` (``load_sample`` does not take this name). Rebuild with
     ``python data/build_test_brains.py``.
 
 Licences: see ``data/samples/LICENSES.md`` (BSD-3 for nilearn and dipy, and the McGill notice for the template;
@@ -52,7 +52,7 @@ from .._checks import to_unit_range
 from ..config import samples_dir
 
 __all__ = ["SAMPLES", "available_samples", "load_sample", "sample_path", "lung_disp_from_velocity",
-           "test_brain_pairs", "TEST_PAIR_KEYS"]
+           "unseen_brain_pairs", "TEST_PAIR_KEYS"]
 
 #: name -> (file name, one-line description)
 SAMPLES: dict[str, tuple[str, str]] = {
@@ -61,7 +61,7 @@ SAMPLES: dict[str, tuple[str, str]] = {
     "lung3d": ("lung3d.npz", "3D chest CT (pyradiomics lung2) at 96^3 (3 mm), lung mask, a known synthetic exhale and "
                              "200 exact keypoint pairs"),
     "brain2d_test": ("brain2d_test.npz", "test set: 30 real inter-subject 2D T1 pairs of 3 unseen brains at 5 matched "
-                                         "coronal planes, 160x192, tissue labels (load with test_brain_pairs())"),
+                                         "coronal planes, 160x192, tissue labels (load with unseen_brain_pairs())"),
 }
 _REBUILD_LUNG = "python data/build_lung_sample.py"
 #: integration steps of the lung sample's velocity (scaling and squaring)
@@ -69,7 +69,7 @@ LUNG_STEPS = 7
 
 _REBUILD = "python data/build_samples.py"
 _REBUILD_TEST = "python data/build_test_brains.py"
-#: the keys of every :func:`test_brain_pairs` item
+#: the keys of every :func:`unseen_brain_pairs` item
 TEST_PAIR_KEYS = ("fixed", "moving", "fixed_seg", "moving_seg", "fixed_mask", "moving_mask", "spacing", "labels",
                   "label_names", "ids", "name", "kind", "seed", "fixed_subject", "moving_subject", "plane",
                   "plane_fraction")
@@ -130,12 +130,12 @@ def load_sample(name: str, device: torch.device | str | None = None) -> dict:
           (``{"gamma": Tensor (1,), "bias_coarse": Tensor (1, 1, 4, 4, 4)}``, the arguments of
           :func:`deqreg_lite.datasets.synthetic.apply_intensity_change`).
     Raises:
-        ValueError: for an unknown name, and for ``"brain2d_test"`` (30 pairs: use :func:`test_brain_pairs`).
+        ValueError: for an unknown name, and for ``"brain2d_test"`` (30 pairs: use :func:`unseen_brain_pairs`).
         FileNotFoundError: when the file is missing; it says how to rebuild it.
     """
     path = sample_path(name)
     if name == "brain2d_test":
-        raise ValueError("'brain2d_test' is a set of 30 pairs, not one sample: load it with test_brain_pairs()")
+        raise ValueError("'brain2d_test' is a set of 30 pairs, not one sample: load it with unseen_brain_pairs()")
     _check_file(name, path)
     with np.load(path, allow_pickle=False) as z:
         data = {k: z[k] for k in z.files}
@@ -172,7 +172,7 @@ def _check_file(name: str, path: Path) -> None:
                                 f"{SAMPLES[name][0]}.")
 
 
-def test_brain_pairs(size: tuple[int, int] = (160, 192), device: torch.device | str | None = None) -> list[dict]:
+def unseen_brain_pairs(size: tuple[int, int] = (160, 192), device: torch.device | str | None = None) -> list[dict]:
     """The real unseen test pairs (``brain2d_test``): every ordered pair of different subjects at each matched plane.
 
     Args:
@@ -242,7 +242,7 @@ def test_brain_pairs(size: tuple[int, int] = (160, 192), device: torch.device | 
     return items
 
 
-test_brain_pairs.__test__ = False  # a loader, not a test: keeps pytest from collecting it where it is imported
+unseen_brain_pairs.__test__ = False  # a loader, not a test: keeps pytest from collecting it where it is imported
 
 
 def _lung_sample(data: dict, device: torch.device | str | None) -> dict:

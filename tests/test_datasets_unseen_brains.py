@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deqreg_lite.datasets import TEST_PAIR_KEYS, load_sample, sample_path, test_brain_pairs
+from deqreg_lite.datasets import TEST_PAIR_KEYS, load_sample, sample_path, unseen_brain_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (160, 192)
@@ -106,7 +106,7 @@ def test_test_subjects_are_not_the_training_subjects(data):
 
 # ------------------------------------------------------------------------------------------------------- loader
 def test_loader_items_match_the_sample_dicts():
-    items = test_brain_pairs()
+    items = unseen_brain_pairs()
     assert len(items) == 30
     names = set()
     for it in items:
@@ -124,20 +124,20 @@ def test_loader_items_match_the_sample_dicts():
         assert len(it["spacing"]) == 2 and all(isinstance(v, float) for v in it["spacing"])
         names.add(it["name"])
     assert len(names) == len(items)
-    small = test_brain_pairs(size=(80, 96))
+    small = unseen_brain_pairs(size=(80, 96))
     assert small[0]["fixed"].shape == (1, 1, 80, 96) and small[0]["fixed_seg"].dtype == torch.int64
     assert small[0]["spacing"] == pytest.approx(tuple(2 * v for v in items[0]["spacing"]))
 
 
 def test_load_sample_points_to_the_loader():
-    with pytest.raises(ValueError, match="test_brain_pairs"):
+    with pytest.raises(ValueError, match="unseen_brain_pairs"):
         load_sample("brain2d_test")
 
 
 def test_loader_missing_file_says_how_to_rebuild(tmp_path, monkeypatch):
     monkeypatch.setenv("DEQREG_SAMPLES_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="build_test_brains.py"):
-        test_brain_pairs()
+        unseen_brain_pairs()
 
 
 def test_evaluate_runs_on_test_pairs():
@@ -145,7 +145,7 @@ def test_evaluate_runs_on_test_pairs():
     from deqreg_lite.methods import identity_method
     from deqreg_lite.pretrained import load_pretrained
 
-    items = test_brain_pairs()[:2]
+    items = unseen_brain_pairs()[:2]
     ident = evaluate(identity_method, items, memory=False)
     vxm = evaluate(load_pretrained("voxelmorph"), items, memory=False)
     for table in (ident, vxm):
