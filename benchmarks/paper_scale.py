@@ -15,8 +15,8 @@ For every method of the library at the paper's image sizes, batch 1, on syntheti
   convolutions and matrix products) and ``bf16`` (``torch.autocast`` with bfloat16, on CUDA and on the CPU);
 * **columns**: training memory of one step, x VoxelMorph, train s/step (``zero_grad`` + ``method.training_step``:
   forward, loss and backward, no optimizer step), x VoxelMorph, and inference s (``method(fixed, moving)`` under
-  ``no_grad``, eval mode, the trained steps). Times: ``--warmup`` calls (the memory step counts as the first training one), then the median of
-  ``--repeats``;
+  ``no_grad``, eval mode, the trained steps). Times: ``--warmup`` calls (the memory step counts as the first
+  training one), then the median of ``--repeats``;
 * **Fig. 2c**: training memory against T for BPTT (Unrolling) and DEQReg (and its checkpointed variant), float32,
   at OASIS 128^3 on CUDA and at the reduced sizes on the CPU, with VoxelMorph as the reference line. It reuses
   ``benchmarks/memory_vs_steps.py``'s inputs and line fit; points that would not fit in the GPU's memory (predicted
@@ -30,14 +30,16 @@ leaves out the model, gradients and temporaries, so its ratios are ratios of act
 
 A point whose predicted run time exceeds ``--max-point-s`` is skipped (prediction: the method's cost relative to
 VoxelMorph, from the issue's GPU table until the method is measured, times VoxelMorph's measured step), as is every
-point once ``--budget-s`` is spent; CUDA out-of-memory errors are recorded as such. Skipped points are in the
-output with the reason. The machine's load (``_load.LoadMeter``) is recorded per table.
+point predicted to outrun what is left of ``--budget-s``; CUDA out-of-memory errors are recorded as such. Skipped
+points are in the output with the reason. The machine's load (``_load.LoadMeter``) is recorded per table. On the CPU
+the float32 tables run first, then Fig. 2c, then bf16 (slow on CPUs without bfloat16 units).
 
     python benchmarks/paper_scale.py                 # CPU: 3D 32^3 and 2D 160x192, float32 and bf16
     python benchmarks/paper_scale.py --quick         # smoke run (< 1 min): tiny sizes, 1 timing repeat, temp folder
     python benchmarks/paper_scale.py --cpu-size 24 128x160   # a smaller CPU run
-    # one NVIDIA H200, unattended, in one command (about 6-9 min; writes to $OUT when it is set):
-    PYTHONUNBUFFERED=1 python benchmarks/paper_scale.py --budget-s 540
+    # a CUDA GPU (e.g. one NVIDIA H200), unattended, in one command from the repository root; --budget-s keeps it
+    # inside a 10-minute slot (the points it leaves out are recorded as skipped); writes to $OUT when it is set:
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python benchmarks/paper_scale.py --budget-s 480
 
 Writes ``paper_scale_<device>.{json,md}`` (``<device>``: the GPU's or the CPU's name as a slug, e.g.
 ``nvidia-h200``) to ``--out``, else ``$OUT`` when that is set, else ``benchmarks/results/`` (``--quick``: a temporary
@@ -258,6 +260,9 @@ def run_table(label: str, spatial: tuple[int, ...], prec: str, device: torch.dev
                 predicted = step_guess * (per_point + PRIOR_INFER_RATIO * (args.warmup + args.repeats))
                 if predicted > args.max_point_s:
                     row["skipped"] = f"predicted {predicted:.0f} s > --max-point-s {args.max_point_s:.0f}"
+                elif predicted > clock.left():
+                    row["skipped"] = f"predicted {predicted:.0f} s > the {max(0.0, clock.left()):.0f} s left of " \
+                                     f"--budget-s {args.budget_s:.0f}"
             if "skipped" not in row and clock.left() <= 0:
                 row["skipped"] = f"--budget-s {args.budget_s:.0f} spent"
             if "skipped" in row:
@@ -358,6 +363,8 @@ def run_fig2c(label: str, spatial: tuple[int, ...], steps: tuple[int, ...], devi
                         est_b = last["memory_bytes"] * (T / last["T"] if name == "bptt" else 1.0)
                     if est_s > args.max_point_s:
                         reason = f"predicted {est_s:.0f} s > --max-point-s {args.max_point_s:.0f}"
+                    elif est_s > clock.left():
+                        reason = f"predicted {est_s:.0f} s > the {max(0.0, clock.left()):.0f} s left of --budget-s"
                     elif est_b > limit:
                         reason = f"predicted {est_b / 2**30:.1f} GiB > 90% of the GPU's memory"
                 if reason is None and clock.left() <= 0:
@@ -398,6 +405,8 @@ def markdown(result: dict) -> str:
                 "model, gradients, optimizer or temporaries)")
     lines = [
         f"# Table 1 (Mem., Time) and Fig. 2c at paper scale: {meta['device_name']}",
+        "",
+        f"`python benchmarks/paper_scale.py {' '.join(meta.get('argv', []))}`".replace(" `", "`"),
         "",
         f"{meta['date']}, torch {meta['torch']}" + (f" (CUDA {meta['cuda']})" if meta.get("cuda") else "") +
         f", device {meta['device']} ({meta['device_name']}), {meta['threads']} CPU thread(s); batch 1, synthetic "
@@ -456,8 +465,8 @@ def markdown(result: dict) -> str:
             if not s:
                 continue
             text = f"* {n}: {s['MiB_min']:.1f} to {s['MiB_max']:.1f} MiB over T"
-            if s.get("spread") is not None:
-                text += f" (spread {100 * s['spread']:.2f}%)"
+            if s.get("spread") is not None and n != "bptt":
+                text += f" (spread (max - min) / min {100 * s['spread']:.2f}%)"
             if s.get("fit_MiB"):
                 text += f"; line: {s['fit_MiB']['slope']:.2f} MiB per step + {s['fit_MiB']['intercept']:.1f} MiB, " \
                         f"R^2 {s['fit_MiB']['r2']:.4f}"
@@ -549,7 +558,9 @@ def main(argv: list[str] | None = None) -> dict:
         sizes = {_size_label(d): d for d in dims}
         fig_sizes, fig_steps = dict(sizes), FIG2C_STEPS
         reduced = (f"the paper's sizes (OASIS 128^3, NLST 224x192x224) do not fit a CPU run; this one ran at "
-                   f"{', '.join(sizes)} instead, and its memory is saved-for-backward bytes, not a GPU's allocation.")
+                   f"{', '.join(sizes)} instead"
+                   + ("" if args.cpu_size is None else f" (--cpu-size; the default CPU sizes are {', '.join(CPU_SIZES)})")
+                   + ", and its memory is saved-for-backward bytes, not a GPU's allocation.")
     if args.out is None:
         if args.quick:
             args.out = Path(tempfile.gettempdir()) / "deqreg_lite_bench"
@@ -563,18 +574,25 @@ def main(argv: list[str] | None = None) -> dict:
     clock = Clock(args.budget_s)
     tables, figs, fp32_steps = [], [], {}
     with LoadMeter() as load:
-        # Order: each size's tables, Fig. 2c after the first size (on CUDA: OASIS, before the costly NLST full).
-        for i, (label, spatial) in enumerate(sizes.items()):
-            for prec in precs:
-                tables.append(run_table(label, spatial, prec, device, args, clock, fp32_steps))
-            if not args.no_fig2c and cuda and label in fig_sizes:
-                figs.append(run_fig2c(label, spatial, fig_steps, device, args, clock))
-        if not args.no_fig2c and not cuda:
-            for label, spatial in fig_sizes.items():
-                figs.append(run_fig2c(label, spatial, fig_steps, device, args, clock))
+        if cuda:  # size by size, Fig. 2c after OASIS (before the costly NLST full)
+            for label, spatial in sizes.items():
+                for prec in precs:
+                    tables.append(run_table(label, spatial, prec, device, args, clock, fp32_steps))
+                if not args.no_fig2c and label in fig_sizes:
+                    figs.append(run_fig2c(label, spatial, fig_steps, device, args, clock))
+        else:  # the first precision at every size, Fig. 2c, then the others (bf16 is slow on most CPUs)
+            for prec in precs[:1]:
+                for label, spatial in sizes.items():
+                    tables.append(run_table(label, spatial, prec, device, args, clock, fp32_steps))
+            if not args.no_fig2c:
+                for label, spatial in fig_sizes.items():
+                    figs.append(run_fig2c(label, spatial, fig_steps, device, args, clock))
+            for prec in precs[1:]:
+                for label, spatial in sizes.items():
+                    tables.append(run_table(label, spatial, prec, device, args, clock, fp32_steps))
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "cuda": torch.version.cuda if cuda else None, "device": str(device), "device_name": name,
+        "argv": list(sys.argv[1:] if argv is None else argv), "cuda": torch.version.cuda if cuda else None, "device": str(device), "device_name": name,
         "memory_kind": "cuda_step_peak" if cuda else "saved_for_backward", "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
         "quick": args.quick, "reduced": reduced, "sizes": {k: list(v) for k, v in sizes.items()},

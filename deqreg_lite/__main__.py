@@ -3,7 +3,9 @@
 * ``demo``: register the shipped 2D brain pair (classical and pretrained methods) and print a metrics table.
 * ``train``: train a learned method with the paper's settings per dataset (:data:`PRESETS`), checkpoints in
   ``--out`` (``last.pt``, ``best.pt``, ``log.jsonl``, ``run.json``), ``--resume`` from ``OUT/last.pt``; ends with a
-  Table 1 row on the validation pairs. Runs data-parallel under ``torchrun`` (:mod:`deqreg_lite.distributed`).
+  Table 1 row on the validation pairs. ``--amp {off,bf16,fp16,auto}``: mixed precision (default ``auto``: bf16 on
+  a CUDA GPU that supports it, else fp16; float32 on the CPU; ``--resume`` keeps the run's mode). Runs
+  data-parallel under ``torchrun`` (:mod:`deqreg_lite.distributed`).
 * ``evaluate``: a checkpoint on a dataset's evaluation pairs, printed (and saved) as a markdown Table 1.
 
 Every bad argument (a number out of range, a non-number, an unknown method, dataset, device or path) ends with
@@ -398,7 +400,8 @@ def _train(args: argparse.Namespace) -> int:
             lr_note = f" (changed from {trainer.lr_changes[-1]['previous']:g} at iteration {trainer.iteration})"
     say(f"deqreg_lite train: {args.method} {kwargs} on {args.dataset} {tuple(args.size)}, {len(train_data)} training "
         f"pairs, batch {batch_size} x {iterations} iterations ({iterations / per_epoch:.2f} epochs), AdamW lr {lr:g}"
-        f"{lr_note}, lambda {lam:g} (voxel units), {D.world_size()} process(es) on {trainer.device}, amp {trainer.amp_mode}"
+        f"{lr_note}, lambda {lam:g} (voxel units), {D.world_size()} process(es) on {trainer.device}, "
+        f"amp {trainer.amp_mode}"
         + (f"; resumed at iteration {trainer.iteration}" if args.resume else ""))
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)

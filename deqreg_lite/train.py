@@ -204,7 +204,7 @@ def resolve_amp(amp: bool | str | None, device: str | torch.device, *, stackleve
     * ``False``, ``None``, ``"off"``: ``"off"`` (float32).
     * ``"auto"``: on CUDA ``"bf16"`` where the GPU computes bfloat16 natively
       (``torch.cuda.is_bf16_supported``), else ``"fp16"``; elsewhere ``"off"`` (a CPU without bfloat16 units runs
-      bfloat16 convolutions several times *slower* than float32: 7-25x measured on an AVX2 CPU).
+      bfloat16 autocast *slower* than float32: 3-28x per training step, measured on an AVX2 CPU).
     * ``True``: as ``"auto"`` on CUDA (``"fp16"`` on a GPU without bfloat16, as before ``amp`` took a mode); on
       any other device a ``UserWarning`` and ``"off"`` (as before).
     * ``"bf16"``: bfloat16 autocast on CUDA (a warning where the GPU only emulates it) and on the CPU
@@ -362,7 +362,8 @@ class Trainer:
                  lr: float = 1e-4, weight_decay: float = 1e-2, batch_size: int = 1, iterations: int = 1000,
                  val_every: int | None = None, val_steps: int | None = None, checkpoint_dir: str | os.PathLike |
                  None = None, checkpoint_every: int | None = None, log_every: int = 10, seed: int = 0,
-                 device: str | torch.device | None = None, amp: bool | str | None = False, grad_clip: float | None = None,
+                 device: str | torch.device | None = None, amp: bool | str | None = False,
+                 grad_clip: float | None = None,
                  progress: bool = True, log_path: str | os.PathLike | None = None, overwrite: bool = False,
                  validate_fn: ValidateFn | None = None) -> None:
         if not isinstance(method, nn.Module) or not hasattr(method, "training_step"):

@@ -1,4 +1,5 @@
-"""CUDA: every shipped method gives the CPU's displacement on a GPU, and AMP training steps stay finite.
+"""CUDA: every shipped method gives the CPU's displacement on a GPU, AMP training steps stay finite, and the
+trainer's bf16 and fp16 modes match float32 (loss and gradient direction), record their mode and resume with it.
 
 Skipped without CUDA (CI and the developers' machines have none). Run on a GPU machine with the project on
 ``PYTHONPATH``: ``python -m pytest tests/test_cuda.py``. TF32 is switched off for the comparison, so the GPU computes
