@@ -3,7 +3,9 @@
 * ``demo``: register the shipped 2D brain pair (classical and pretrained methods) and print a metrics table.
 * ``train``: train a learned method with the paper's settings per dataset (:data:`PRESETS`), checkpoints in
   ``--out`` (``last.pt``, ``best.pt``, ``log.jsonl``, ``run.json``), ``--resume`` from ``OUT/last.pt``; ends with a
-  Table 1 row on the validation pairs. Runs data-parallel under ``torchrun`` (:mod:`deqreg_lite.distributed`).
+  Table 1 row on the validation pairs. ``--amp {off,bf16,fp16,auto}``: mixed precision (default ``auto``: bf16 on
+  a CUDA GPU that supports it, else fp16; float32 on the CPU; ``--resume`` keeps the run's mode). Runs
+  data-parallel under ``torchrun`` (:mod:`deqreg_lite.distributed`).
 * ``evaluate``: a checkpoint on a dataset's evaluation pairs, printed (and saved) as a markdown Table 1.
 
 Every bad argument (a number out of range, a non-number, an unknown method, dataset, device or path) ends with
@@ -350,6 +352,14 @@ def _train(args: argparse.Namespace) -> int:
             lr = float(groups[0].get("lr", preset["lr"]))
         else:
             lr = preset["lr"]
+        if args.amp is not None:
+            amp = args.amp
+        elif args.resume:  # keep the run's mixed-precision mode (a given --amp replaces it)
+            from .train import _checkpoint_amp, load_checkpoint
+
+            amp = _checkpoint_amp(load_checkpoint(last, "cpu").get("trainer")) or "auto"
+        else:
+            amp = "auto"
         kwargs = _method_kwargs(args.method, args)
         seed_everything(args.seed)
         method = build_method(args.method, preset["ndim"], **kwargs)
@@ -359,7 +369,7 @@ def _train(args: argparse.Namespace) -> int:
             method, loss_fn, train_data, val_data, lr=lr, batch_size=batch_size, iterations=iterations,
             val_every=val_every, val_steps=args.steps, checkpoint_dir=out,
             checkpoint_every=args.checkpoint_every if args.checkpoint_every is not None else (val_every or None),
-            log_every=args.log_every, seed=args.seed, device=device, amp=args.amp, grad_clip=args.grad_clip,
+            log_every=args.log_every, seed=args.seed, device=device, amp=amp, grad_clip=args.grad_clip,
             progress=not args.no_progress, log_path=out / "log.jsonl", overwrite=args.overwrite,
             validate_fn=_validate_fn)
         if args.resume:
@@ -379,7 +389,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     run = {"dataset": args.dataset, "method": args.method, "method_kwargs": kwargs, "size": list(args.size),
            "data_dir": args.data_dir, "layout": getattr(args, "layout", None), "lam": lam, "lr": lr,
-           "batch_size": batch_size, "iterations": iterations, "seed": args.seed, "amp": args.amp,
+           "batch_size": batch_size, "iterations": iterations, "seed": args.seed, "amp": trainer.amp_mode,
            "world_size": D.world_size(), "val_pairs": val_n}
     lr_note = ""
     if args.resume:
@@ -390,7 +400,8 @@ def _train(args: argparse.Namespace) -> int:
             lr_note = f" (changed from {trainer.lr_changes[-1]['previous']:g} at iteration {trainer.iteration})"
     say(f"deqreg_lite train: {args.method} {kwargs} on {args.dataset} {tuple(args.size)}, {len(train_data)} training "
         f"pairs, batch {batch_size} x {iterations} iterations ({iterations / per_epoch:.2f} epochs), AdamW lr {lr:g}"
-        f"{lr_note}, lambda {lam:g} (voxel units), {D.world_size()} process(es) on {trainer.device}"
+        f"{lr_note}, lambda {lam:g} (voxel units), {D.world_size()} process(es) on {trainer.device}, "
+        f"amp {trainer.amp_mode}"
         + (f"; resumed at iteration {trainer.iteration}" if args.resume else ""))
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
@@ -571,12 +582,17 @@ def build_parser() -> argparse.ArgumentParser:
     switches = [
         ("--resume", "continue from OUT/last.pt"),
         ("--overwrite", "replace the run in OUT (refused without it: last.pt, best.pt, log.jsonl, run.json)"),
-        ("--amp", "mixed precision (CUDA only)"),
         ("--no-eval", "skip the final Table 1 row"),
         ("--no-progress", "hide the progress bar"),
     ]
     for flag, text in switches:
         train.add_argument(flag, action="store_true", help=text)
+    from .train import AMP_CHOICES
+
+    train.add_argument("--amp", choices=AMP_CHOICES, nargs="?", const="auto", default=None,
+                       help="mixed precision of the training steps: bf16 (CUDA, or the CPU), fp16 (CUDA, with loss "
+                            "scaling), off (float32), auto (the default: bf16 on a CUDA GPU that supports it, else "
+                            "fp16; off on the CPU). A bare --amp is auto. With --resume: default the run's mode")
     opts = train.add_argument_group(
         "method options", "passed to the method's constructor; an option the method does not take is an error")
     for name, kind, text in _method_flags():

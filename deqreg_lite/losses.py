@@ -176,9 +176,11 @@ def diffusion(disp: Tensor) -> Tensor:
     Args:
         disp: ``(B, ndim, *spatial)`` in voxels.
     Returns:
-        A scalar, 0 for any constant (translation) field.
+        A scalar, 0 for any constant (translation) field (float32 for a float16 or bfloat16 ``disp``).
     """
     ndim = check_disp(disp)
+    if disp.dtype in (torch.float16, torch.bfloat16):  # a network's output under autocast: square and sum in float32
+        disp = disp.float()
     total = disp.new_zeros(())
     for axis in range(2, 2 + ndim):
         total = total + torch.diff(disp, dim=axis).square().mean()

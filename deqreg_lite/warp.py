@@ -79,7 +79,8 @@ def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding: str = "bo
         mode: ``"bilinear"`` (linear in 2D, trilinear in 3D) or ``"nearest"`` (for label maps).
         padding: ``"border"`` repeats edge values outside the image, ``"zeros"`` reads 0 there.
     Returns:
-        ``(B, C, *spatial)`` warped image, with ``image``'s dtype.
+        ``(B, C, *spatial)`` warped image, with ``image``'s dtype. The sampling runs in the wider of float32 and
+        ``disp``'s dtype: a float16 or bfloat16 displacement (a network's output under autocast) is warped in float32.
     """
     check_options(mode, _MODES, "mode")
     check_options(padding, _PADDINGS, "padding")
@@ -97,7 +98,12 @@ def warp(image: Tensor, disp: Tensor, mode: str = "bilinear", padding: str = "bo
         raise ValueError(f"integer image ({image.dtype}) needs mode='nearest'; bilinear would blend label values")
     if is_label:
         return _warp_labels(image, disp, padding)
-    src = image.to(disp.dtype) if image.dtype != disp.dtype else image
+    # Half-precision displacements (float16 / bfloat16, e.g. a network's output under autocast) are warped in
+    # float32: the identity grid and the sampling positions in half precision would round by up to 0.25 voxel
+    # (bfloat16 at 128 voxels), and the tie test of the gradient could never resolve TIE.
+    work = torch.promote_types(disp.dtype, torch.float32)
+    disp = disp.to(work)
+    src = image.to(work) if image.dtype != work else image
     if mode == "bilinear" and disp.requires_grad and torch.is_grad_enabled():
         out = _bilinear_with_tie_gradient(src, disp, padding)
     else:

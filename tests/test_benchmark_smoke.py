@@ -84,3 +84,22 @@ def test_memory_vs_steps_quick_measures_the_checkpointed_deqreg(tmp_path):
         s = case["summary"]
         assert s["ckpt_over_voxelmorph"] < s["deqreg_over_voxelmorph"] and s["ckpt_time"]["ratio"] > 0
     assert "checkpoint_phantom=True" in (tmp_path / "memory_vs_steps.md").read_text()
+
+
+def test_paper_scale_quick_writes_every_method_and_precision(tmp_path):
+    import json
+
+    _run("paper_scale.py", "--quick", "--out", str(tmp_path))
+    (path,) = tmp_path.glob("paper_scale_*.json")
+    result = json.loads(path.read_text())
+    assert path.with_suffix(".md").is_file()
+    assert result["meta"]["quick"] and result["meta"]["torch"] and result["meta"]["device_name"]
+    assert [t["precision"] for t in result["tables"]] == ["float32", "bf16"]
+    keys = {"voxelmorph", "unrolling", "unrolling_ml", "gradirn", "riir", "deqreg12", "deqreg"}
+    for table in result["tables"]:
+        assert keys <= {r["key"] for r in table["rows"]}
+        vxm = next(r for r in table["rows"] if r["key"] == "voxelmorph")
+        assert vxm["memory_x_vxm"] == 1.0 and vxm["train_s"] > 0 and vxm["infer_s"] > 0
+        assert all("skipped" in r or r["memory_bytes"] > 0 for r in table["rows"])
+    (fig,) = result["fig2c"]
+    assert {p["series"] for p in fig["points"]} >= {"voxelmorph", "bptt", "deqreg"}

@@ -125,6 +125,31 @@ def test_resume_keeps_or_applies_and_records_the_lr(tmp_path, capsys):
     assert rows == [(2, 5e-4), (4, 5e-4), (6, 1e-4)]
 
 
+def test_amp_is_recorded_and_kept_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    # default auto: float32 on the CPU
+    assert main(["train", *SMALL, "--iterations", "1", "--val-pairs", "0", "--out", str(out), "--no-eval"]) == 0
+    assert "amp off" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["amp"] == "off"
+    assert load_checkpoint(out / "last.pt")["trainer"]["amp_mode"] == "off"
+    # an explicit bf16 runs under CPU bfloat16 autocast, is recorded, and --resume without --amp keeps it
+    assert main(["train", *SMALL, "--iterations", "2", "--val-pairs", "0", "--amp", "bf16", "--out", str(out),
+                 "--no-eval", "--overwrite"]) == 0
+    assert json.loads((out / "run.json").read_text())["amp"] == "bf16"
+    assert main(["train", *SMALL, "--iterations", "3", "--val-pairs", "0", "--out", str(out), "--resume",
+                 "--no-eval"]) == 0
+    assert "amp bf16" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["amp"] == "bf16"
+    assert load_checkpoint(out / "last.pt")["trainer"]["amp_mode"] == "bf16"
+    # a given --amp replaces the run's mode (with a warning); fp16 on the CPU falls back to float32
+    with pytest.warns(UserWarning, match="fp16"):
+        assert main(["train", *SMALL, "--iterations", "4", "--val-pairs", "0", "--amp", "fp16", "--out", str(out),
+                     "--resume", "--no-eval"]) == 0
+    captured = capsys.readouterr()
+    assert "amp off" in captured.out and "amp='bf16'" in captured.err
+    assert load_checkpoint(out / "last.pt")["trainer"]["amp_mode"] == "off"
+
+
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
     from deqreg_lite import train as tr
 
@@ -183,6 +208,7 @@ BAD = [
     [*TRAIN, "voxelmorph", "--seed", "-1"],
     [*TRAIN, "voxelmorph", "--grad-clip", "0"],
     [*TRAIN, "voxelmorph", "--device", "bogus"],
+    [*TRAIN, "voxelmorph", "--amp", "bogus"], [*TRAIN, "voxelmorph", "--amp", "float16"],
     ["train", "--dataset", "bogus", "--method", "voxelmorph"],
     ["evaluate", "--checkpoint", "x", "--pairs", "0"], ["evaluate", "--checkpoint", "x", "--pairs", "-1"],
     ["evaluate", "--checkpoint", "x", "--steps", "0"], ["evaluate", "--checkpoint", "x", "--dataset", "nope"],
