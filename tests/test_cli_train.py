@@ -260,7 +260,8 @@ def test_evaluate_bad_checkpoints_and_options_exit_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("method, flags", [("gradirn", ["--T", "5"]), ("voxelmorph", ["--S", "1"]),
                                            ("unrolling", ["--K", "2", "--solver", "anderson"]),
-                                           ("riir", ["--gamma", "0.3"])])
+                                           ("riir", ["--gamma", "0.3"]),
+                                           ("voxelmorph", ["--checkpoint-phantom"])])
 def test_an_option_the_method_does_not_take_is_an_error(method, flags, tmp_path, capsys):
     # before issue 9 these were dropped silently and training ran without them
     argv = ["train", *SMALL[:3], method, *SMALL[4:], "--iterations", "0", "--out", str(tmp_path / "r"), *flags]
@@ -280,6 +281,15 @@ def test_deq_flags_reach_the_constructor(tmp_path, capsys):
     assert kwargs == {"T": 4, "S": 1, "gamma": 0.25, "K": 2, "tau": 0.75, "tol": 0.01, "solver": "anderson"}
     config = load_checkpoint(out / "last.pt")["config"]
     assert {k: config[k] for k in kwargs} == kwargs
+
+
+def test_checkpoint_phantom_switch_reaches_the_constructor(tmp_path):
+    out = tmp_path / "r"
+    argv = ["train", *SMALL[:3], "deqreg", *SMALL[4:], "--iterations", "0", "--val-pairs", "0", "--out", str(out),
+            "--T", "2", "--checkpoint-phantom"]
+    assert main(argv) == 0
+    assert json.loads((out / "run.json").read_text())["method_kwargs"] == {"T": 2, "checkpoint_phantom": True}
+    assert load_checkpoint(out / "last.pt")["config"]["checkpoint_phantom"] is True
 
 
 def test_help_names_the_paper_hyper_parameters(capsys):
