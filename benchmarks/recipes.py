@@ -152,6 +152,11 @@ Context, measured on this project's 2-core CPU (torch 2.13 CPU, one thread per r
   a cost in Dice at that point of training (0.551 against 0.707 at step 1800). Going from the step-1800 checkpoint
   straight to the tight hinge diverged: the training loss reached 1e8 and the solve returned NaN by step 2150 (val
   Dice 0.443 at step 2000), so `presets.DEQ_STAGES` tightens in two steps (1800, 2000).
+* `stage3_tight_hinge_at_2800`: that path continued to step 2800. The map stays a contraction on every validation
+  pair, but validation Dice did not recover (0.537, 0.539, 0.524 at 2250, 2500, 2750). On the 30 real unseen pairs
+  (`unseen_brain_pairs`, every third pair, step 2500): Dice 0.534, residual 2.8e-3 mean / 0.015 max, 80 % converged,
+  spectral radius 0.90 mean / 1.10 max, largest move 48 -> 500 steps 6.2 voxels: the contraction learned on the
+  training anatomy does not carry over to every unseen brain.
 """
 
 
