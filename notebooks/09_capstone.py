@@ -72,7 +72,7 @@
 # | $g_\theta(u) = u + f_\theta(\dots)$ | the **update map** whose fixed point DEQReg solves (with a leak: $- \ell u$) |
 # | $h_\theta(I_f, I_m)$ | the VoxelMorph network (predicts $u$ in one shot; not used here) |
 # | $T$, $K$, $\tau$, $S$, $\gamma$ | solver / unrolled steps, phantom steps, damping, sampled states, their weight |
-# | $\rho$ | spectral radius of the Jacobian of the map the solver iterates, at the returned $u$ |
+# | $\tilde g_\theta$, $\rho$ | the damped map the solver iterates (`DEQReg.iteration_map`), the spectral radius of its Jacobian at the returned $u$ |
 #
 # > **Conventions against the paper.** (1) **Data**: 2D coronal slices of one chest CT at 64 × 64 (4.5 mm pixels)
 # > with synthetic random deformations; the paper registers 3D NLST inhale/exhale pairs (224 × 192 × 224, 1.5 mm) and
@@ -284,21 +284,25 @@ assert math.isfinite(base["classical"]["folding_pct"])
 # number of times; they differ only in how the last `DEQ_ITERS` iterations were trained, and in how they are run.
 #
 # **The convergence recipe** (`DEQ_RECIPE` in `deqreg_lite/presets.py`, documented in `DEQReg`'s docstring). Each
-# option targets one way a learned fixed-point iteration fails. `damping=0.5` makes the solver iterate
-# $h(u) = u + 0.5\,(g_\theta(u) - u)$ instead of $g_\theta$: the same fixed points, but every eigenvalue $\lambda$ of
-# $\partial g/\partial u$ becomes $0.5 + 0.5\lambda$, which pulls eigenvalues with real part below 1 towards the
-# inside of the unit circle (it cannot help those above 1; notebook 04, damping), and the solve then iterates the
-# very damped map that the phantom gradient unrolls ($\tau = 0.5$, $K = 3$; notebook 04b). `leak=0.5` adds a fixed
-# restoring term, $g_\theta(u) = u + f_\theta(\dots) - 0.5\,u$: along every direction the network ignores, the map
-# contracts by 0.5, so an untrained map is a contraction and a constant output cannot pile up over $T$ steps; the
-# fixed point satisfies $f_\theta(u^*) = 0.5\,u^*$, which the network can still place anywhere, since it sees $u$.
-# `jac_weight=0.3` adds to the loss $0.3\times$ a one-probe estimate of $\lVert\partial h/\partial u\rVert_F^2/n$ at
-# $u^*$ (a finite-difference Jacobian-vector product; after Bai, Koltun and Kolter's Jacobian regularisation), to
-# keep the map contractive while it learns. `DEQ_STAGES` is what the shipped checkpoints add later in a 5000-step
-# run: from step 1800, Anderson acceleration in training and the penalty aimed at the dominant direction
-# (`jac_power` power-iteration steps) with a hinge (`jac_target`: only $\rho$ above the target is penalised), then a
-# tighter hinge from step 2000. Our run ends long before step 1800, so we use the first stage only; Exercise 2 tries
-# the hinge. Notebook 06 is where the shipped models' convergence is analysed.
+# option targets one way a learned fixed-point iteration fails:
+#
+# * `damping=0.5`: the solver iterates $\tilde g_\theta(u) = u + 0.5\,(g_\theta(u) - u)$ instead of $g_\theta$. Same
+#   fixed points, but every eigenvalue $\lambda$ of $\partial g_\theta/\partial u$ becomes $0.5 + 0.5\lambda$, which
+#   pulls eigenvalues with real part below 1 towards the inside of the unit circle (it cannot help those above 1;
+#   notebook 04, damping). The solve then iterates the very damped map that the phantom gradient unrolls
+#   ($\tau = 0.5$, $K = 3$; notebook 04b).
+# * `leak=0.5`: a fixed restoring term, $g_\theta(u) = u + f_\theta(\dots) - 0.5\,u$. Along every direction the
+#   network ignores, the map contracts by 0.5, so an untrained map is a contraction and a constant output cannot pile
+#   up over $T$ steps. The fixed point satisfies $f_\theta(u^*) = 0.5\,u^*$, which the network can still place
+#   anywhere, since it sees $u$.
+# * `jac_weight=0.3`: adds to the training loss $0.3\times$ a one-probe estimate of
+#   $\lVert\partial\tilde g_\theta/\partial u\rVert_F^2/n$ at $u^*$ (a finite-difference Jacobian-vector product;
+#   after Bai, Koltun and Kolter's Jacobian regularisation), to keep the map contractive while it learns (notebook 05
+#   trains DEQReg; notebook 06 analyses the shipped models' convergence).
+# * `DEQ_STAGES`: what the shipped checkpoints add later in their 5000-step run. From step 1800, Anderson
+#   acceleration in training, and the penalty aimed at the dominant direction (`jac_power` power-iteration steps)
+#   with a hinge (`jac_target`: only $\rho$ above the target is penalised); from step 2000, a tighter hinge. Our run
+#   ends long before step 1800, so we use the first stage only; Exercise 2 tries the hinge.
 
 # %%
 print("DEQ_RECIPE =", DEQ_RECIPE)
@@ -384,8 +388,8 @@ assert all(math.isfinite(r["residual"]) and math.isfinite(r["jac_fro2"]) for r i
 # * `info.extras["residual"]`: the final relative residual $\lVert g_\theta(u) - u\rVert / \lVert g_\theta(u)\rVert$;
 # * `info.converged`: whether it fell below the tolerance within $T$ steps;
 # * `info.extras["spectral_radius"]`: a 30-step power-iteration estimate of $\rho$, the spectral radius of the
-#   Jacobian of the iteration map $h$ at the returned field. Below 1, the map is a contraction *near that field*,
-#   so more steps stay there; above 1, some direction grows (notebook 04).
+#   Jacobian of the iteration map $\tilde g_\theta$ at the returned field. Below 1, the map is a contraction *near
+#   that field*, so more steps stay there; above 1, some direction grows (notebook 04).
 #
 # Here it is on one test pair, by hand:
 
@@ -412,9 +416,9 @@ tables["warm start, no DEQ training"] = evaluate(deq_start, test_pairs, memory=F
 tables["DEQReg"] = evaluate(deq, test_pairs, memory=False, hd95=False, certificate=True, name="deqreg")
 summ = {k: t.summary() for k, t in tables.items()}
 print(format_table(summ, COLS + ["steps", "residual", "converged", "spectral_radius"], HEAD))
-print(f"worst pair: DEQReg residual {summ['DEQReg']['residual_max']:.1e}, ρ {summ['DEQReg']['spectral_radius_max']:.3f};"
-      f" warm start ρ {summ['warm start, no DEQ training']['spectral_radius_max']:.3f} "
-      f"({time.perf_counter() - t0:.0f} s)")
+print(f"worst pair: DEQReg residual {summ['DEQReg']['residual_max']:.1e}, "
+      f"ρ {summ['DEQReg']['spectral_radius_max']:.3f}; warm start "
+      f"ρ {summ['warm start, no DEQ training']['spectral_radius_max']:.3f} ({time.perf_counter() - t0:.0f} s)")
 
 # %% [markdown]
 # **Checkpoint 4.** The certificate's fields exist and are numbers, for every pair.
@@ -429,8 +433,8 @@ for name in ("warm start, no DEQ training", "DEQReg"):
 # What the default-mode run measured (10 held-out pairs, one training run, one seed, the busy CPU of the Study
 # time). The **warm start**, before any DEQ training, converged on every pair (10 of 10 below $10^{-3}$, in 24 steps
 # on average; $\rho$ 0.80 on average, 0.85 at most), but registered worse than the Unrolling at its 3 steps (Dice
-# 0.894 against 0.926): with the leak, its fixed point sits where $f_\theta(u^*) = 0.5\,u^*$, short of where the
-# Unrolling's three full steps land. After 100 DEQ iterations the **DEQReg** registered as well as the Unrolling
+# 0.894 against 0.926). A plausible reading, not measured here: with the leak, its fixed point sits where
+# $f_\theta(u^*) = 0.5\,u^*$, short of where the Unrolling's three full steps land. After 100 DEQ iterations the **DEQReg** registered as well as the Unrolling
 # (Dice 0.932 against 0.926; on 8 other pairs, Exercise 3 finds no significant difference at the trained steps), but
 # its certificate is weaker than the warm start's: 3 of 10 pairs reached the tolerance within 48 steps (final
 # residual 2.7e-3 on average, 9.9e-3 on the worst pair), and $\rho$ rose to 0.93 on average and 0.99 on the worst
@@ -604,7 +608,8 @@ for k, v in fact.items():
 # > iterations, seed). Baselines: identity Dice ______, classical Dice ______ with ______ % folding.
 # >
 # > **Measurement.** Unrolling: Dice ______ at 3 steps, ______ at ______ steps; folding ______ % → ______ %; drift
-# > ______ px. DEQReg: Dice ______ at ______ steps, ______ at ______ steps; folding ______ → ______ %; drift ______ px.
+# > ______ px. DEQReg: Dice ______ at ______ steps, ______ at ______ steps; folding ______ → ______ %; drift
+# > ______ px.
 # > Certificate: ______ of ______ pairs converged to $10^{-3}$ in ______ steps; residual ______; $\rho$ ______ (max
 # > ______). Paired test (Exercise 3): p = ______ over ______ pairs, or "too few pairs for a test".
 # >
@@ -658,14 +663,14 @@ for name, (below, folds) in breaks.items():
 # %% [markdown]
 # ### Exercise 2 (★★) Aim the penalty: the hinge of the later stages
 #
-# The recipe's first stage penalises the *mean* squared singular value of $\partial h/\partial u$; the later stages
-# (`DEQ_STAGES[0][1]`) aim the penalty at the dominant direction (`jac_power` power steps) and penalise only what
-# exceeds `jac_target` (a hinge), and solve with Anderson. Copy the trained DEQReg into a new `DEQReg` built with
-# `{**DEQ_RECIPE, **DEQ_STAGES[0][1]}` (same `T`, `S`), train it for `EX2_ITERS` more iterations on `last_pairs`, and
-# compare its certificate (mean and max $\rho$, residual, Dice) with the DEQReg's. Does the hinge lower $\rho$ here,
-# and at what cost in Dice? (A handful of iterations may show nothing: say so if it does not. Note that $\rho$
-# certifies *plain* damped iteration; Anderson acceleration can converge where $\rho \ge 1$, so read `converged` and
-# $\rho$ separately.)
+# The recipe's first stage penalises the *mean* squared singular value of $\partial\tilde g_\theta/\partial u$; the
+# later stages (`DEQ_STAGES[0][1]`) aim the penalty at the dominant direction (`jac_power` power steps), penalise
+# only what exceeds `jac_target` (a hinge), and solve with Anderson. Copy the trained DEQReg into a new `DEQReg`
+# built with `{**DEQ_RECIPE, **DEQ_STAGES[0][1]}` (same `T`, `S`), train it for `EX2_ITERS` more iterations on
+# `last_pairs`, and compare its certificate (mean and max $\rho$, residual, Dice) with the DEQReg's. Does the hinge
+# lower $\rho$ here, and at what cost in Dice? (A handful of iterations may show nothing: say so if it does not.
+# Note that $\rho$ certifies *plain* damped iteration; Anderson acceleration can converge where $\rho \ge 1$, so read
+# `converged` and $\rho$ separately.)
 
 # %% tags=["exercise"]
 EX2_ITERS = by_mode(quick=2, default=20)
