@@ -63,6 +63,9 @@ from scipy import ndimage as ndi
 from deqreg_lite.datasets.synthetic import random_velocity
 from deqreg_lite.datasets.samples import lung_disp_from_velocity
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_samples import update_licenses as _update_licenses  # noqa: E402  (one home for the LICENSES.md sections)
+
 # ---------------------------------------------------------------------------------------------------------------
 # pinned source
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,14 +388,8 @@ describes them only as test cases for the feature baselines). The licence of the
 
 
 def update_licenses(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Licences and provenance of the shipped samples\n"
-    if LICENSE_BEGIN in text and LICENSE_END in text:
-        head, rest = text.split(LICENSE_BEGIN, 1)
-        tail = rest.split(LICENSE_END, 1)[1].lstrip("\n")
-        text = head + section + (("\n" + tail) if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    """This script's section of ``LICENSES.md`` (``build_samples.update_licenses``)."""
+    _update_licenses(path, section, LICENSE_BEGIN, LICENSE_END)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -406,6 +406,19 @@ def preview(s2: dict, s3: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def update_licenses(path: Path, section: str, begin: str, end: str) -> None:
+    """Replace the section between the markers ``begin`` and ``end`` of ``LICENSES.md`` in place (the build scripts of
+    the other samples each own one), or append it; keep the rest of the file."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Licences and provenance of the shipped samples\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + section + (("\n" + tail) if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "samples",

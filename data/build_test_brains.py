@@ -85,6 +85,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_samples import update_licenses as _update_licenses  # noqa: E402
 from build_samples import (  # noqa: E402  (the training slices' helpers: the same crop, resize, scaling, labels)
     LABEL_NAMES,
     LABELS,
@@ -566,15 +567,8 @@ not document where ROBEX's reference volume comes from (it appears to be one ind
 
 
 def update_licenses(path: Path, section: str) -> None:
-    """Replace this script's section of ``LICENSES.md`` in place, or append it; keep the rest of the file."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Licences and provenance of the shipped samples\n"
-    if LICENSE_BEGIN in text and LICENSE_END in text:
-        head, rest = text.split(LICENSE_BEGIN, 1)
-        tail = rest.split(LICENSE_END, 1)[1].lstrip("\n")
-        text = head + section + (("\n" + tail) if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
+    """This script's section of ``LICENSES.md`` (``build_samples.update_licenses``)."""
+    _update_licenses(path, section, LICENSE_BEGIN, LICENSE_END)
 
 
 # ---------------------------------------------------------------------------------------------------------------
