@@ -24,6 +24,8 @@ not change its time and stay untrained.
 
     python benchmarks/step_cost.py            # ~2-3 min on one busy CPU core
     python benchmarks/step_cost.py --quick    # smoke run (< 1 min): 64x64, 2 rounds, 10 warm-up iterations
+    python benchmarks/step_cost.py --checkpoint runs/pretrained/deqreg-seed0/last.pt --out /tmp/sc
+        # a training run's DEQReg: its own map (damping, leak) under each solver setting, and its step as trained
 
 Writes ``benchmarks/results/step_cost.{json,md}`` (``--quick``: to a temporary folder unless ``--out``).
 """
@@ -58,6 +60,7 @@ CONFIGS = {  # name -> DEQReg options (T = 48, S = 3, K = 3, tau = 0.5 throughou
     "deqreg anderson tol=1e-2": {"solver": "anderson", "tol": 1e-2},
 }
 REFERENCE = "deqreg fixed_point tol=0"
+AS_TRAINED = "deqreg as trained (--checkpoint's options)"
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -109,14 +112,20 @@ def trained_deqreg_state(warm_iters: int, device: torch.device) -> tuple[dict, s
 
 # --------------------------------------------------------------------------------------------- timing
 def run_size(label: str, size: tuple[int, int], state: dict, repeats: int, warmup: int, budget_s: float,
-             device: torch.device, loss_fn) -> dict:
+             device: torch.device, loss_fn, trained_config: dict | None = None) -> dict:
     pair = brain_pairs("val", 2, size)[1]  # a held-out generated pair (item 0 is the real pair, kept for eval)
     fixed, moving = pair["fixed"].to(device), pair["moving"].to(device)
     methods = {"voxelmorph": build_method("voxelmorph", 2)}
+    # a checkpoint's own map (damping, leak) under every solver configuration, without its training penalty ...
+    base = {k: v for k, v in (trained_config or {}).items() if k in ("damping", "leak")}
     for name, opts in CONFIGS.items():
-        m = build_method("deqreg", 2, T=48, S=3, K=3, tau=0.5, **opts)
+        m = build_method("deqreg", 2, T=48, S=3, K=3, tau=0.5, **base, **opts)
         m.load_state_dict(state)
         methods[name] = m
+    if trained_config:  # ... and the step exactly as it was trained (its solver, tolerance and Jacobian penalty)
+        m = build_method("deqreg", 2, **{k: v for k, v in trained_config.items() if k != "ndim"})
+        m.load_state_dict(state)
+        methods[AS_TRAINED] = m
     nfe: dict[str, list[float]] = {name: [] for name in methods}
     steps: dict[str, list[float]] = {name: [] for name in methods}
 
@@ -162,7 +171,7 @@ def run_size(label: str, size: tuple[int, int], state: dict, repeats: int, warmu
                    "ratio_to_fixed_point_tol0": med[n] / med[REFERENCE],
                    "mean_nfe": statistics.mean(nfe[n]), "mean_steps": statistics.mean(steps[n]),
                    "grad_nfe": 0 if n == "voxelmorph" else 12}
-    best = min(CONFIGS, key=lambda n: rows[n]["ratio_to_voxelmorph"])
+    best = min((n for n in names if n != "voxelmorph"), key=lambda n: rows[n]["ratio_to_voxelmorph"])
     return {"case": label, "shape": [1, 1, *size], "rounds": len(times["voxelmorph"]), "rows": rows,
             "best_config": best, "best_ratio": rows[best]["ratio_to_voxelmorph"],
             "beats_paper": rows[best]["ratio_to_voxelmorph"] < PAPER_RATIO,
@@ -217,6 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="training iterations of the fallback DEQReg weights (default 100)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on the CPU (default 1)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="time this DEQReg checkpoint (e.g. a training run's last.pt) with its own map options, plus "
+                         "a row for its step exactly as trained")
     ap.add_argument("--out", type=Path, default=None,
                     help="output folder (default benchmarks/results; with --quick a temporary folder)")
     args = ap.parse_args(argv)
@@ -228,9 +240,16 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or (Path(tempfile.gettempdir()) / "deqreg_lite_bench" if args.quick else here / "results")
     loss_fn = RegistrationLoss()
     t_start = time.perf_counter()
-    state, how = trained_deqreg_state(args.warm_iters, device)
+    trained_config = None
+    if args.checkpoint is not None:
+        from deqreg_lite.checkpoints import load_checkpoint
+        ckpt = load_checkpoint(args.checkpoint, "cpu")
+        state, trained_config = ckpt["model"], dict(ckpt["config"])
+        how = f"checkpoint {args.checkpoint} (iteration {ckpt['iteration']}; options {trained_config})"
+    else:
+        state, how = trained_deqreg_state(args.warm_iters, device)
     print(f"DEQReg weights: {how}", flush=True)
-    cases = [run_size(label, size, state, args.repeats, 1, args.budget_s, device, loss_fn)
+    cases = [run_size(label, size, state, args.repeats, 1, args.budget_s, device, loss_fn, trained_config)
              for label, size in sizes.items()]
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
             "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),

@@ -103,3 +103,14 @@ def test_paper_scale_quick_writes_every_method_and_precision(tmp_path):
         assert all("skipped" in r or r["memory_bytes"] > 0 for r in table["rows"])
     (fig,) = result["fig2c"]
     assert {p["series"] for p in fig["points"]} >= {"voxelmorph", "bptt", "deqreg"}
+
+
+def test_step_cost_quick_times_a_checkpoint_as_trained(tmp_path):
+    from deqreg_lite.checkpoints import save_checkpoint
+    from deqreg_lite.methods.deqreg import DEQReg
+    ckpt = tmp_path / "deqreg.pt"
+    save_checkpoint(ckpt, DEQReg(2, damping=0.5, leak=0.5, jac_weight=0.1, jac_power=1, solver="anderson"))
+    _run("step_cost.py", "--quick", "--checkpoint", str(ckpt), "--out", str(tmp_path))
+    import json
+    rows = json.loads((tmp_path / "step_cost.json").read_text())["cases"][0]["rows"]
+    assert "deqreg as trained (--checkpoint's options)" in rows and rows["voxelmorph"]["ratio_to_voxelmorph"] == 1.0
