@@ -157,6 +157,11 @@ Context, measured on this project's 2-core CPU (torch 2.13 CPU, one thread per r
   (`unseen_brain_pairs`, every third pair, step 2500): Dice 0.534, residual 2.8e-3 mean / 0.015 max, 80 % converged,
   spectral radius 0.90 mean / 1.10 max, largest move 48 -> 500 steps 6.2 voxels: the contraction learned on the
   training anatomy does not carry over to every unseen brain.
+* `stage2_anderson_hutchinson_only` (run E1): Anderson in training with stage 1's Hutchinson penalty and no hinge,
+  from the step-1800 checkpoint, measured at step ~2325: Dice 0.702 (val Dice 0.708 at 2250), but the training
+  solves did not converge (residual 0.011, 16-24 % converged) and the dominant eigenvalue became **negative**
+  (spectral radius 1.71 mean / 1.89 max, Rayleigh quotient -1.71): without the damped iteration in training,
+  nothing held the map's oscillating direction, which the damped solve had kept in check.
 """
 
 
