@@ -48,10 +48,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +62,7 @@ from deqreg_lite.datasets.synthetic import random_velocity
 from deqreg_lite.datasets.samples import lung_disp_from_velocity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_samples import read_tar_members as _read_tar_members  # noqa: E402
 from build_samples import update_licenses as _update_licenses  # noqa: E402  (one home for the LICENSES.md sections)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,18 +120,8 @@ def fetch_sdist(folder: Path) -> Path:
 
 
 def read_members(archive: Path, names: list[str]) -> dict[str, bytes]:
-    out = {}
-    with tarfile.open(archive, "r:gz") as tf:
-        for name in names:
-            f = tf.extractfile(name)
-            if f is None:
-                raise FileNotFoundError(f"{name} not in {archive}")
-            data = f.read()
-            digest = hashlib.sha256(data).hexdigest()
-            if name in SHA256 and SHA256[name] is not None and digest != SHA256[name]:
-                raise RuntimeError(f"{name} has sha256 {digest}, expected {SHA256[name]}")
-            out[name] = data
-    return out
+    """Files of the source archive, checked against :data:`SHA256` (``build_samples.read_tar_members``)."""
+    return _read_tar_members(archive, names, SHA256)
 
 
 _NRRD_TYPES = {"short": "i2", "int16": "i2", "signed short": "i2", "ushort": "u2", "unsigned short": "u2",

