@@ -443,6 +443,11 @@ class Trainer:
                                extra={"best_dice": self._best_dice, "last_val": self._last_val,
                                       "window": list(self._window), "lr_changes": list(self.lr_changes)})
 
+    def restart_selection(self) -> None:
+        """Forget the best validation Dice so far: the next validation writes ``best.pt`` whatever its Dice (e.g. when
+        a later stage of a training recipe starts and only its checkpoints may be selected)."""
+        self._best_dice = -math.inf
+
     def resume(self, path: str | os.PathLike | None = None) -> "Trainer":
         """Load a checkpoint of this method (model, optimizer, scaler, iteration, RNG states, history).
 

@@ -105,7 +105,7 @@ def train_run(name: str, seed: int, runs: Path, *, iterations: Optional[int] = N
                 trainer.resume()
             trainer.iterations = end
             if i > 0 and done == start:  # entering a later stage: select among its checkpoints only
-                trainer._best_dice = -math.inf
+                trainer.restart_selection()
             log(f"[{name} seed {seed}] resumed at iteration {trainer.iteration} (stage {i + 1}/{len(stages)}: "
                 f"{options})")
         trainer.fit()
