@@ -330,3 +330,28 @@ def test_jacobian_penalty_aimed_by_power_iteration_estimates_rho_squared_and_hin
     assert float(hinged.jacobian_penalty(fixed, moving, z).detach()) == pytest.approx(max(aimed - 0.25, 0), abs=1e-4)
     with pytest.raises(ValueError, match="jac_power"):
         DEQReg(2, jac_power=-1)
+
+
+def test_inject_moving_feeds_the_unwarped_moving_image_and_round_trips():
+    """``inject_moving=True``: the U-Net gets ``[If, Im o phi, phi, Im]`` (3 + ndim channels), so at phi = 0 the
+    update map differs from the paper's only through the extra channel's weights; the option is recorded in the
+    config (a checkpoint rebuilds it) and checked."""
+    fixed, moving = pair(B=1, size=(16, 16))
+    z = 0.3 * torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(5))
+    m = DEQReg(2, inject_moving=True)
+    assert m.net.in_channels == 5 and DEQReg(2).net.in_channels == 4
+    seen = []
+    hook = m.net.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        m.update_map(fixed, moving)(z)
+    hook.remove()
+    assert seen[0].shape[1] == 5
+    assert torch.equal(seen[0][:, 4:], moving) and torch.equal(seen[0][:, :1], fixed)
+    assert torch.equal(seen[0][:, 2:4], z)
+    rebuilt = DEQReg(**m.config())
+    rebuilt.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.update_map(fixed, moving)(z), m.update_map(fixed, moving)(z))
+    assert DEQReg(2).config()["inject_moving"] is False
+    with pytest.raises(ValueError, match="inject_moving"):
+        DEQReg(2, inject_moving=1)

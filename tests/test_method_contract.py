@@ -75,10 +75,10 @@ LEGACY = {
     # solve without checkpointing
     "deqreg": {"ndim": 2, "T": 48, "S": 3, "gamma": 0.5, "K": 3, "tau": 0.5, "solver": "fixed_point", "tol": 1e-3,
                "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2, "leak": 0.0, "jac_power": 0,
-               "jac_target": 0.0, "checkpoint_phantom": False},
+               "jac_target": 0.0, "checkpoint_phantom": False, "inject_moving": False},
     "deqreg12": {"ndim": 2, "T": 12, "S": 0, "gamma": 0.5, "K": 3, "tau": 0.5, "solver": "fixed_point",
                  "tol": 1e-3, "damping": 1.0, "jac_weight": 0.0, "jac_eps": 1e-2, "leak": 0.0, "jac_power": 0,
-               "jac_target": 0.0, "checkpoint_phantom": False},
+               "jac_target": 0.0, "checkpoint_phantom": False, "inject_moving": False},
 }
 OPTIONS = {"voxelmorph": {}, "unrolling": {"T": 5}, "unrolling_ml": {"levels": 2, "steps_per_level": 4},
            "gradirn": {"levels": 2, "steps_per_level": 2, "eta_init": 0.5},

@@ -153,12 +153,14 @@ class Clock:
         return time.perf_counter() - self.start
 
 
-def residual_step(net: UNet, fixed: Tensor, moving: Tensor, phi: Tensor) -> Tensor:
-    """The residual update of Eq. 3/5: ``phi + net([fixed, moving o phi, phi])`` (``net``: ``2 + ndim`` inputs).
+def residual_step(net: UNet, fixed: Tensor, moving: Tensor, phi: Tensor, extra: Tensor | None = None) -> Tensor:
+    """The residual update of Eq. 3/5: ``phi + net([fixed, moving o phi, phi])`` (``net``: ``2 + ndim`` inputs;
+    ``[.., extra]`` and ``2 + ndim + C`` inputs when ``extra`` ``(B, C, *spatial)`` is given).
 
     ``fixed``, ``moving`` ``(B, 1, *spatial)``; ``phi`` ``(B, ndim, *spatial)`` in voxels; returns like ``phi``.
     """
-    return phi + unet_apply(net, torch.cat([fixed, warp(moving, phi), phi], dim=1))
+    parts = [fixed, warp(moving, phi), phi] + ([extra] if extra is not None else [])
+    return phi + unet_apply(net, torch.cat(parts, dim=1))
 
 
 def iterate_forward(method: RegistrationMethod, fixed: Tensor, moving: Tensor, steps: int | None,

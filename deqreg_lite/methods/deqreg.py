@@ -120,6 +120,12 @@ class DEQReg(RegistrationMethod):
             (0: the paper's map). It makes the untrained map a contraction (``1 - damping * leak`` in every
             direction the network ignores), so a constant output no longer piles up over the ``T`` solver steps
             at the start of training; the network can still place the fixed point anywhere (it sees ``phi``).
+        inject_moving: also feed the unwarped moving image, ``UNet([If, Im o phi, phi, Im])`` (``3 + ndim``
+            inputs; default False, the paper's ``[If, Im o phi, phi]``): input injection, as every layer of the
+            DEQ of Bai, Kolter and Koltun (2019) sees its input ``x``. With the paper's input the map sees the
+            pair only through the current warp, so where ``Im o phi`` carries no signal it can pull a perturbed
+            field back only towards zero (the leak) or not at all; with ``Im`` injected it can predict the whole
+            field from the pair, as VoxelMorph does, and correct it from the warp (``benchmarks/results/recipes.md``).
         checkpoint_phantom: activation checkpointing of the ``K`` phantom steps of every Eq. 9 term (and of the
             phantom gradient that ``forward`` attaches with grad on): only each step's input is kept, and the step
             (one U-Net call) is run again in the backward (:func:`~deqreg_lite.deq.phantom`). The training memory
@@ -135,8 +141,11 @@ class DEQReg(RegistrationMethod):
     def __init__(self, ndim: int, T: int = 48, S: int = 3, gamma: float = 0.5, K: int = 3, tau: float = 0.5,
                  solver: str = "fixed_point", tol: float = 1e-3, damping: float = 1.0, jac_weight: float = 0.0,
                  jac_eps: float = 1e-2, leak: float = 0.0, jac_power: int = 0, jac_target: float = 0.0,
-                 checkpoint_phantom: bool = False) -> None:
+                 checkpoint_phantom: bool = False, inject_moving: bool = False) -> None:
         super().__init__(ndim)
+        if not isinstance(inject_moving, bool):
+            raise ValueError(f"inject_moving must be True or False, got {inject_moving!r}")
+        self.inject_moving = inject_moving
         self.checkpoint_phantom = check_checkpoint(checkpoint_phantom, "checkpoint_phantom")
         self.jac_power = check_count(jac_power, "jac_power", low=0)
         for name, value in (("jac_weight", jac_weight), ("jac_eps", jac_eps), ("leak", leak),
@@ -159,16 +168,18 @@ class DEQReg(RegistrationMethod):
         self.deq = DEQ(solver=solver, max_iter=T, tol=tol, grad="phantom", K=K, tau=tau, n_states=S,
                        on_diverge="flag", solver_tau=damping, checkpoint=checkpoint_phantom)
         self.damping = float(damping)
-        self.net = UNet(ndim, 2 + ndim, ndim)
+        self.net = UNet(ndim, (3 if inject_moving else 2) + ndim, ndim)
 
     def update_map(self, fixed: Tensor, moving: Tensor,
                    record: Optional[list[Tensor]] = None) -> Callable[[Tensor], Tensor]:
-        """``g(phi) = phi + UNet([fixed, moving o phi, phi])`` (``- leak * phi`` with a leak) as a closure over the
-        images (``(B, 1, *spatial)``); every output is appended to ``record`` when given."""
+        """``g(phi) = phi + UNet([fixed, moving o phi, phi])`` (``- leak * phi`` with a leak; ``[.., moving]`` with
+        ``inject_moving``) as a closure over the images (``(B, 1, *spatial)``); every output is appended to
+        ``record`` when given."""
         leak = self.leak
+        extra = moving if self.inject_moving else None
 
         def g(phi: Tensor) -> Tensor:
-            out = residual_step(self.net, fixed, moving, phi)
+            out = residual_step(self.net, fixed, moving, phi, extra)
             if leak:
                 out = out - leak * phi
             if record is not None:
@@ -334,10 +345,10 @@ class DEQReg12(DEQReg):
     def __init__(self, ndim: int, T: int = 12, S: int = 0, gamma: float = 0.5, K: int = 3, tau: float = 0.5,
                  solver: str = "fixed_point", tol: float = 1e-3, damping: float = 1.0, jac_weight: float = 0.0,
                  jac_eps: float = 1e-2, leak: float = 0.0, jac_power: int = 0, jac_target: float = 0.0,
-                 checkpoint_phantom: bool = False) -> None:
+                 checkpoint_phantom: bool = False, inject_moving: bool = False) -> None:
         super().__init__(ndim, T=T, S=S, gamma=gamma, K=K, tau=tau, solver=solver, tol=tol, damping=damping,
                          jac_weight=jac_weight, jac_eps=jac_eps, leak=leak, jac_power=jac_power,
-                         jac_target=jac_target, checkpoint_phantom=checkpoint_phantom)
+                         jac_target=jac_target, checkpoint_phantom=checkpoint_phantom, inject_moving=inject_moving)
 
 
 def deqreg12(ndim: int, **kwargs) -> DEQReg12:
