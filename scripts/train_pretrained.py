@@ -51,6 +51,9 @@ SWEEP_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96)
 VAL_PAIRS = 8
 VAL_EVERY = 250
 CHECKPOINT_EVERY = 50
+#: the training-log fields kept in a run summary's ``train_curve`` (the mean of the 25 steps before every ``VAL_EVERY``-th
+#: step; shipped inside each checkpoint with ``val_curve``, for the notebooks' training curves).
+TRAIN_CURVE_KEYS = ("iteration", "loss", "loss_final", "residual", "converged", "nfe", "jac_fro2", "time_s")
 N_TRAIN = 4000
 DATA = {
     "train": f"PairDataset('train', {N_TRAIN}, {tuple(TRAIN_SIZE)}, kinds={TRAIN_KINDS}, seed=<run seed>): generated "
@@ -121,6 +124,8 @@ def train_run(name: str, seed: int, runs: Path, *, iterations: Optional[int] = N
                "selected_iteration": best["iteration"] if best else None,
                "selected_val": {k: best[k] for k in ("dice", "dice_std", "folding_pct") if k in best} if best else None,
                "val_curve": [{k: r[k] for k in ("iteration", "dice", "folding_pct") if k in r} for r in vals],
+               "train_curve": [{k: r[k] for k in TRAIN_CURVE_KEYS if k in r} for r in rows
+                               if r.get("split") == "train" and r.get("iteration", 0) % VAL_EVERY == 0],
                "train_time_s": round(train_s, 1), "this_call_s": round(time.perf_counter() - t0, 1),
                "threads": torch.get_num_threads(), "torch_version": str(torch.__version__),
                "device": "cpu", "data": DATA, "selection": SELECTION,
@@ -159,7 +164,7 @@ def _update_manifest(out: Path, name: str, record: dict) -> None:
     path = out / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     models = manifest.get("models", {})
-    slim = {k: v for k, v in record.items() if k not in ("val_during_training", "val_curve")}
+    slim = {k: v for k, v in record.items() if k not in ("val_during_training", "val_curve", "train_curve")}
     slim["file"] = f"{name}.pt"
     slim["bytes"] = (out / f"{name}.pt").stat().st_size
     models[name] = slim

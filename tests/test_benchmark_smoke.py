@@ -47,6 +47,10 @@ def test_train_pretrained_runs_resumes_and_exports(tmp_path):
     assert rec["selection"] and rec["data"]["subjects"] and rec["lr"] == pytest.approx(1e-3)
     from deqreg_lite.methods.base import RegistrationMethod
     assert RegistrationMethod.from_checkpoint(tmp_path / "ckpt" / "voxelmorph.pt").name == "voxelmorph"
+    from deqreg_lite.checkpoints import load_checkpoint
+    shipped = load_checkpoint(tmp_path / "ckpt" / "voxelmorph.pt", "cpu")["extra"]["pretrained"]
+    assert isinstance(shipped["train_curve"], list) and isinstance(shipped["val_curve"], list)
+    assert "train_curve" not in rec  # the curves ship inside the checkpoint, not in the manifest
 
 
 def test_train_pretrained_stages_switch_options_and_select_in_the_last_stage(tmp_path, monkeypatch):
