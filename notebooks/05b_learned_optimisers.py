@@ -393,10 +393,12 @@ assert worst < 1e-4
 # | training memory | linear in $T$ | linear in $T$ | linear in $T$ | flat in $T$ |
 # | after step $T$ | nothing in training | nothing in training | nothing in training | the fixed-point condition $u^* = g_\theta(u^*)$ |
 #
-# GraDIRN's gradient step is the only part of the three that *knows* the energy: $\hat g = 0$ only where the
-# similarity term is stationary. But the learned part can keep moving the field there, and the normalisation
-# ($\max|\hat g| = 1$) keeps the gradient step a fixed size however close to stationary $u$ is. RIIR's state
-# includes $\mathbf h$: a fixed point would have to hold for $(u, \mathbf h)$ together, and nothing asks for one.
+# GraDIRN's explicit step $-\eta_l \hat g$ is the one piece of the three that descends the similarity term by
+# construction (GraDIRN's and RIIR's networks *see* $\hat g$, but may do anything with it). Even that piece does
+# not make GraDIRN stop: the learned part can keep moving the field, and the normalisation ($\max|\hat g| = 1$)
+# keeps the gradient step the same size however close to stationary $u$ is; only an exactly zero gradient stops
+# it. RIIR's state includes $\mathbf h$: a fixed point would have to hold for $(u, \mathbf h)$ together, and
+# nothing in its training asks for one.
 #
 # **Memory, measured live.** Backpropagation through time keeps every step's activations until the backward pass.
 # `training_memory` counts the bytes saved for backward in one training step (fresh models at
