@@ -53,9 +53,9 @@
 # Eq. 9's graphs), and 01 for the Eq. 1 energy and the metrics (01, section Metrics: Dice, % folding). Maths:
 # Jacobians and eigenvalues, the chain rule, a gradient step. PyTorch: `autograd.grad`, `torch.no_grad()`.
 #
-# **Study time.** Running it: about 5 minutes in default mode (measured once, on a 2-core CPU that two training
-# processes kept busy; most of it trains the small DEQReg of section 8; `DEQREG_MODE=quick` runs in about
-# a minute and a half). Studying it: about 2.5 hours for the reading and the four exercises (an estimate).
+# **Study time.** Running it: about 7 minutes in default mode (6 min 49 s, measured once, on a 2-core CPU that two
+# training processes kept busy; 5.5 minutes of it train the small DEQReg of section 8), about 2 minutes with
+# `DEQREG_MODE=quick`. Studying it: about 2.5 hours for the reading and the four exercises (an estimate).
 #
 # **Notation.** The series' one notation:
 #
@@ -120,6 +120,7 @@ from deqreg_lite.evaluate import evaluate, identity_method, pair_metrics, step_s
 from deqreg_lite.methods._common import unet_apply
 from deqreg_lite.methods.deqreg import DEQReg
 from deqreg_lite.methods.loss import RegistrationLoss
+from deqreg_lite.presets import DEQ_RECIPE
 from deqreg_lite.pretrained import load_pretrained
 from deqreg_lite.viz import plot_grid, plot_jacobian, show_image
 from deqreg_lite.warp import resize_disp, warp
@@ -739,9 +740,10 @@ assert stats["grad_nfe"] == tiny.K * (tiny.S + 1)  # K (S + 1) U-Net calls carry
 # rise or stay small?
 
 # %%
-RECIPE = dict(damping=0.5, leak=0.5, jac_weight=0.3)      # = deqreg_lite.presets.DEQ_RECIPE
-LR = 2e-3
-KINDS = ("brain",)
+RECIPE = dict(DEQ_RECIPE)                                  # {'damping': 0.5, 'leak': 0.5, 'jac_weight': 0.3}
+LR = 1e-3
+KINDS = ("brain", "inter")
+print("recipe:", RECIPE)
 seed_everything(0)
 scratch = DEQReg(2, T=TRAIN_T, S=1, K=3, tau=0.5, **RECIPE)
 opt = torch.optim.AdamW(scratch.parameters(), lr=LR, weight_decay=0.01)
@@ -795,6 +797,7 @@ axes[0].set(xlabel="optimizer step", title="training loss $E(u^*)$ (1 - LNCC + Î
 axes[0].legend()
 axes[1].semilogy(its, [h["residual"] for h in history], color="0.7", lw=0.8, label="training solve")
 axes[1].semilogy(vi, [v["residual"] for v in val_log], "o-", label="validation (mean)")
+axes[1].semilogy(its, [h.get("jac_fro2", math.nan) for h in history], ":", lw=1, label="Jacobian estimate")
 axes[1].axhline(scratch.tol, color="gray", ls="--", lw=1, label="tolerance")
 axes[1].set(xlabel="optimizer step", title=f"relative residual after at most T = {TRAIN_T} steps")
 axes[1].legend()
@@ -812,7 +815,34 @@ final = val_log[-1]
 print(f"after {TRAIN_ITERS} steps: validation Dice {final['dice']:.4f} against identity {ident_val:.4f} "
       f"({final['dice'] - ident_val:+.4f}); folding {final['folding_pct']:.3f}%; residual {final['residual']:.1e}; "
       f"spectral radius of the iterated map at the answers {np.round(certs, 3).tolist()}")
+gain = final["dice"] - ident_val
+plateau = next((v["iteration"] for v in val_log if v["dice"] > ident_val + 0.02), None)
+print(f"verdict: {'it left the identity' if gain > 0.02 else 'still at the identity level'} after {TRAIN_ITERS} "
+      f"steps (first validation more than 0.02 above identity: "
+      f"{'step ' + str(plateau) if plateau is not None else 'none yet'})")
 assert all(math.isfinite(v["dice"]) for v in val_log) and all(math.isfinite(c) for c in certs)
+
+# %% [markdown]
+# How to read the curves (the default mode; quick mode trains for a handful of steps and shows only the mechanics):
+#
+# * **A plateau first.** In the default-mode run made for this notebook the validation Dice sat at the identity's for
+#   the first few hundred steps, while the Jacobian penalty's estimate (dotted, second panel) fell; then the Dice
+#   rose. A plausible reading, not measured here: the penalty, not the registration loss, shaped the network first.
+#   Your verdict line above says where your run stands.
+# * **The residual rises as the map learns.** An untrained map with a leak is an easy contraction (the residual is
+#   small early on); a map that registers is not, and the residual after $T$ steps climbs. That is the
+#   tension this project measured at every budget (`benchmarks/results/recipes.md`): learning to register pulled the
+#   map away from being a contraction, and the Jacobian penalty slows that down without removing it; the shipped
+#   retraining adds Anderson and a penalty aimed at the dominant direction later (stages 2-3, notebook 09).
+# * **The certificate** printed last says whether the trained map is a contraction at its answers ($\rho < 1$). A
+#   contraction can still miss the tolerance in $T$ steps: with $\rho$ close to 1 the residual shrinks only by about
+#   $\rho^T$ over the whole solve (compare $\rho^{12}$ with the validation residual), which is one reason the paper
+#   solves with $T = 48$ steps.
+#
+# > **Caveat.** One seed, batch 1, a few hundred steps at 64 x 80 with $T$ = `TRAIN_T` (the paper: 3D, $T = 48$, 100
+# > epochs on a GPU). The validation pairs are generated around the two shipped brains (unseen deformations, not unseen
+# > anatomy), plus the one real pair. This is a demonstration that the machinery learns, not a result to compare
+# > with the paper's tables; the shipped checkpoints' protocol is in `data/checkpoints/README.md`.
 # %% [markdown]
 # ## 9. The bridge of the paper's title: gradient descent is a fixed-point iteration too
 #
@@ -874,8 +904,10 @@ print(f"{'field':28s}" + "".join(f"{k:>20s}" for k in next(iter(bridge.values())
 for name, row in bridge.items():
     print(f"{name:28s}" + "".join(f"{v:20.4g}" for v in row.values()))
 opt_row, deq_row = bridge["classical optimum (Adam)"], bridge["DEQReg u*"]
-assert opt_row["E"] < bridge["identity"]["E"] and opt_row["E"] <= deq_row["E"] + 1e-4
-assert deq_row["|grad E|"] > opt_row["|grad E|"]
+assert opt_row["E"] <= min(row["E"] for row in bridge.values()) + 1e-4           # the lowest energy
+assert opt_row["|grad E|"] <= min(row["|grad E|"] for row in bridge.values()) + 1e-6  # the smallest gradient
+assert deq_row["|grad E|"] > opt_row["|grad E|"]                                   # u* is not stationary for E
+assert opt_row["residual of g_theta"] > deq_row["residual of g_theta"]           # the optimum is not g's fixed point
 
 # %% [markdown]
 # What the table says (read your numbers; the assertions above hold for any reasonable model): the classical
@@ -1070,8 +1102,10 @@ assert info_lib.backward.converged and max_rel(grad_ift_hand, grad_ift_lib) < 1e
 #   part below 1 (the toy maps: $\{-1.5, 0.5\}$ and $0.5 \pm i$ can be fixed, $\{1.2, 0.3\}$ cannot).
 # * The **phantom gradient** tends to the implicit one as $K$ grows only when one phantom step is a contraction,
 #   $\rho(\tau J + (1-\tau)I) < 1$; otherwise the long-$K$ reference is itself a truncation.
-# * A DEQReg **trained from scratch** on a CPU, with the library's recipe (damping, leak, Jacobian penalty), is slow
-#   to leave the identity: section 8 shows its curve and says what it reached in this notebook's budget.
+# * A DEQReg **trained from scratch** on a CPU, with the library's recipe (damping, leak, Jacobian penalty; not the
+#   paper's), first sits at the identity for a long plateau, then starts to register, while its residual after $T$
+#   steps climbs: learning to register pulls the map away from being a contraction (section 8 prints where your run
+#   stands).
 # * **Gradient descent is a fixed-point iteration** of $u - \eta\nabla E(u)$ (our loop reproduced `register(...,
 #   optimizer="gd")`); its fixed points are stationary points of $E$. DEQReg's learned fixed point is not one: its
 #   energy is above the classical optimum's and its $\nabla E$ is not zero.
