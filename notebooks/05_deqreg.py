@@ -480,9 +480,11 @@ assert abs(ex["spectral_radius"][0] - float(rho_at_answer.value[0])) < 1e-6     
 # models far past their training steps). A Rayleigh quotient close to $-\rho$ says the dominant eigenvalue is real
 # and **negative**: the iteration overshoots and oscillates along that direction.
 #
-# > **Caveat.** Power iteration usually approaches $\rho$ from below, at a speed set by the gap to the second eigenvalue; 20-30
-# > products gave estimates stable to about 0.01 on this project's DEQReg maps (`spectral_radius`'s docstring). It is a
-# > *local* statement, at this $u^*$ of this pair: another pair can have another $\rho$.
+# > **Caveat.** The estimate $\lVert Jv\rVert$ can start above $\rho$ (a non-normal $J$ stretches some vectors more than
+# > any eigenvalue does; the curve above may show it) or below it, and it settles at a speed set by the gap to the
+# > second eigenvalue; 20-30 products gave estimates stable to about 0.01 on this project's DEQReg maps
+# > (`spectral_radius`'s docstring). It is a *local* statement, at this $u^*$ of this pair: another pair can have
+# > another $\rho$.
 #
 # ### When does damping help?
 #
