@@ -57,8 +57,10 @@
 # trained on pairs; the half-resolution wrapper of the shipped models). Maths: the chain rule (backpropagation),
 # what an iteration $x_{t+1} = g(x_t)$ and its fixed point $x^* = g(x^*)$ are.
 #
-# **Study time.** Running it: about 4 minutes in default mode (to be measured). Studying it: about 75 minutes for the reading, the checks and
-# the four exercises (an estimate).
+# **Study time.** Running it: about 5.5 minutes in default mode (measured once: 5 min 35 s on a 2-core CPU shared with
+# two training processes and two other measurement jobs; quick mode, `DEQREG_MODE=quick`, 1-2 minutes under the
+# same load; most of it is the 96-step sweeps over 39 pairs). Studying it: about 75 minutes for the reading, the
+# checks and the four exercises (an estimate).
 #
 # **Notation.** The series' one notation:
 #
@@ -419,7 +421,10 @@ assert mem[-1] / mem[0] > 0.7 * ts[-1] / ts[0], "and about linearly"
 assert abs(memory_mib[1] - voxelmorph_mib) / voxelmorph_mib < 0.2  # T = 1 costs about one VoxelMorph pass
 
 # %% [markdown]
-# Each extra step costs one more U-Net's worth of activations (the fit's slope, about one VoxelMorph pass). In 3D,
+# Measured in default mode: 9.3, 17.8, 34.7 and 68.6 MiB for $T$ = 1, 2, 4 and 8, against 9.2 MiB for one VoxelMorph
+# pass. Each extra step costs one more U-Net's worth of activations (the fit's slope, about one VoxelMorph pass). The
+# paper's Figure 2c shows the same linear growth for 3D models as GPU memory (which also holds weights and optimiser
+# state); our numbers are activation bytes of 2D models at 80 x 96 on a CPU, so only the shape compares. In 3D,
 # at the paper's resolution, that is why unrolled methods are trained with only a handful of steps. DEQReg trains at
 # a constant memory cost, whatever the number of steps (notebook `04b`).
 #
