@@ -44,7 +44,7 @@ __all__ = ["PRETRAINED", "HalfResolution", "checkpoints_dir", "checkpoint_path",
            "load_pretrained", "TRAIN_SIZE", "INPUT_SIZE"]
 
 #: names of the shipped checkpoints.
-PRETRAINED = ("voxelmorph", "unrolling", "gradirn", "riir", "deqreg", "deqreg12")
+PRETRAINED = ("voxelmorph", "unrolling", "unrolling_ml", "gradirn", "riir", "deqreg", "deqreg12")
 #: the size the models were trained at (and run at internally), and the input size they are meant for.
 TRAIN_SIZE = (80, 96)
 INPUT_SIZE = (160, 192)

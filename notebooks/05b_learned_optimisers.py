@@ -453,8 +453,8 @@ assert abs(memory["deqreg"][48] - memory["deqreg"][12]) < 0.02 * memory["deqreg"
 # 2. Does the folding grow? Faster for the model without a similarity gradient?
 # 3. Does the relative update $\|u_{t+1} - u_t\| / \|u_{t+1}\|$ go to zero, as it would at a fixed point?
 #
-# (Notebook 03 answered these for the single-level Unrolling; the point here is whether the gradient input, the
-# learned step size or the memory change the answer.)
+# (Notebook 03 answered these for the Unrolling, the paper's 3-level model and the single-level one; the point here
+# is whether the gradient input, the learned step size or the memory change the answer.)
 
 # %%
 pairs = [sample]

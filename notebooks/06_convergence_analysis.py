@@ -146,8 +146,9 @@ plt.show()
 
 # %% [markdown]
 # Read the plot from left to right. Every iterative method improves over its first few steps. Past its trained
-# count, **Unrolling** (trained with $T = 3$ steps) keeps pushing: its Dice collapses and its folding explodes,
-# because nothing in its training told it what to do at step 4 and beyond. GraDIRN and RIIR degrade more slowly
+# count, **Unrolling** (the single-level model, trained with $T = 3$ steps) keeps pushing: its Dice falls and its
+# folding explodes, because nothing in its training told it what to do at step 4 and beyond (notebook 03 measures
+# the paper's 3-level Unrolling too). GraDIRN and RIIR degrade more slowly
 # (their folding still grows). **DEQReg** was trained to find a fixed point, so extra steps just stay near it:
 # its Dice curve is flat and its folding stays low. DEQReg-12 (12 steps, no correction states) is flatter than
 # Unrolling but weaker: the shipped checkpoint lost Dice during its fine-tune (see the checkpoints README).
