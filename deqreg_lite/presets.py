@@ -38,24 +38,26 @@ PRETRAINED_BUDGET = 5000
 PRETRAINED_BATCH = 1
 #: the DEQ recipe of the retrained DEQReg and DEQReg-12, stage 1 (from step 0; ``benchmarks/recipes.py``, ``results/recipes.md``):
 #: the forward solve iterates the damped map that the phantom gradient unrolls (``damping = tau = 0.5``); a fixed leak
-#: (``g = phi + UNet(...) - 0.5 phi``) makes the untrained map a contraction, so training leaves identity at once;
-#: a Hutchinson Jacobian penalty on the iteration map at ``phi*`` keeps its mean squared singular value small as it
-#: learns (without it the training residual rose from 1e-3 to 0.5 within 150 steps).
-DEQ_RECIPE = {"damping": 0.5, "leak": 0.5, "jac_weight": 0.3}
-#: the later stages of the DEQ recipe, ``(first optimizer step, options)``: from step 1800, Anderson solves the fixed
-#: point in training (stage 1's damped iteration stalls at a relative residual of 1e-2 .. 3e-2 after 48 steps, so the
-#: penalty and the phantom gradient were taken away from the fixed point) and the penalty is aimed at the dominant
-#: direction (``jac_power`` power-iteration steps) with a hinge at ``jac_target``: the Hutchinson probe kept the mean
-#: squared singular value near 0.1 while single directions stayed above 1 (spectral radius up to 1.11 on the
-#: validation pairs at step 1800). From step 2000 the hinge is tightened (weight 1, target 0.7, 6 power steps):
-#: with weight 0.3 and target 0.8 the spectral radius stayed at 1.01 (mean) / 1.13 (max) after 450 steps. Going
-#: straight from stage 1 to the tight hinge diverged (the loss reached 1e8 within 350 steps); the two steps did not.
-#: Measured in ``benchmarks/results/recipes.md``. **Not final** (issue 10 is open): at step 2800 the map is a
-#: contraction on every validation pair (spectral radius <= 0.82, residual < 1e-3 after 13 Anderson steps, a largest
-#: move of 3e-4 voxels from 48 to 500 steps), but validation Dice fell to 0.52-0.54 (stage 1 reached 0.705 at step
-#: 1750), and on the unseen test brains the spectral radius reached 1.10 on some pairs (step 2500).
-DEQ_STAGES = ((1800, {"solver": "anderson", "jac_weight": 0.3, "jac_power": 4, "jac_target": 0.8}),
-              (2000, {"solver": "anderson", "jac_weight": 1.0, "jac_power": 6, "jac_target": 0.7}))
+#: (``g = phi + UNet(...) - 0.5 phi``) makes the untrained map a contraction; a Hutchinson Jacobian penalty on the
+#: iteration map at ``phi*`` (weight 0.3) keeps its mean squared singular value small while it learns (every run
+#: without it, and every run with only the aimed hinge below from step 0, sat at identity level for hundreds of
+#: steps); and **the unwarped moving image is injected** (``inject_moving``: the U-Net sees ``[If, Im o phi, phi,
+#: Im]``, a deviation from the paper's ``[If, Im o phi, phi]``). Why: at a fixed point ``Im o phi* ~ If``, so the
+#: paper's inputs say nothing about ``phi*`` beyond ``phi*`` itself; in the directions the images cannot see (the
+#: aperture problem: motion along an edge or inside uniform tissue) the map must then reproduce ``phi`` with gain 1,
+#: an eigenvalue of 1 that no penalty can remove without pulling ``phi*`` towards zero. Measured with the paper's
+#: input: the map's dominant eigenvalue stayed at 0.99-1.11 (real, positive, its eigenvector inside the brain), and
+#: forcing a contraction with the hinge cost 17 Dice points (0.707 -> 0.536). With ``Im`` injected the network can
+#: predict those components from the pair, as VoxelMorph does.
+DEQ_RECIPE = {"damping": 0.5, "leak": 0.5, "jac_weight": 0.3, "inject_moving": True}
+#: the later stages of the DEQ recipe, ``(first optimizer step, options)``: from step 500 (once training has left
+#: identity), Anderson solves the fixed point in training and the penalty is aimed at the dominant direction
+#: (``jac_power`` = 4 power-iteration steps) with a hinge at spectral radius ``jac_target`` = 0.8, weight 1: the
+#: Hutchinson probe keeps the *mean* squared singular value small while single directions reach 1 (with ``Im``
+#: injected and no hinge, the training residual after 48 steps rose from 1e-3 at step 250 to 0.037 at step 750).
+#: **Not final** (issue 10 is open): measured at step 1000 of seed 0, validation Dice 0.622 and a training residual
+#: of 2e-3 .. 5e-3 (70-90 % of the solves within tolerance); ``benchmarks/results/recipes.md`` has the table.
+DEQ_STAGES = ((500, {"solver": "anderson", "jac_weight": 1.0, "jac_power": 4, "jac_target": 0.8}),)
 #: per method: constructor options (``stages``: later options from a given step on), iterations, AdamW learning rate; every model starts from scratch
 #: (``init: "scratch"`` in the manifest) and is selected by the best validation Dice (``best.pt`` of its run).
 SETTINGS: dict[str, dict] = {
