@@ -162,6 +162,26 @@ Context, measured on this project's 2-core CPU (torch 2.13 CPU, one thread per r
   solves did not converge (residual 0.011, 16-24 % converged) and the dominant eigenvalue became **negative**
   (spectral radius 1.71 mean / 1.89 max, Rayleigh quotient -1.71): without the damped iteration in training,
   nothing held the map's oscillating direction, which the damped solve had kept in check.
+* **Injecting the unwarped moving image** (`inject_moving=True`: the U-Net sees `[If, Im o phi, phi, Im]`), seed 0,
+  batch 1, the runs of `scripts/train_pretrained.py`: with stage 1's recipe (damped fixed point, leak 0.5,
+  Hutchinson 0.3) it left identity faster than with the paper's input (val Dice 0.496 / 0.588 / 0.668 at 250 / 500 /
+  750 steps, against 0.458 / 0.512 / 0.640), but the training residual after 48 steps rose the same way (1e-3 at
+  step 250, 0.018-0.037 at 650-750): injection alone does not make the map contract. With only the aimed hinge
+  from step 0 (Anderson, w 1, target 0.8, 4 power steps, no Hutchinson term) it sat at identity for 400 steps (val
+  Dice 0.443 at 250, training loss flat) and was stopped, like the paper-input run with the hinge alone.
+* `inject_stage2_hinge_at_1000`: stage 1 with `Im` injected to step 500, then Anderson + the aimed hinge (w 1,
+  target 0.8, 4 power steps) to step 1000. Val Dice dipped (0.588 at 500, 0.548 at 750) and recovered (0.622 at
+  1000, 0.618 at 1250). Five of six validation solves converge with a largest move 48 -> 500 of at most 0.004
+  voxels; the sixth has rho 1.15 and moves 2.5 voxels. The 4-step power estimate inside the penalty read about
+  0.81 while the 30-step certificate reads 0.96 (mean): too few power steps let rho sit above the target, so the
+  recipe refines the direction with 10 steps from step 1500 (`presets.DEQ_STAGES`). On 10 of the 30 real unseen
+  pairs (every third): Dice 0.575, folding 0.13 %, 80 % converged, rho 0.95 mean / 1.09 max; on all 30 pairs,
+  VoxelMorph 0.557, the paper's Unrolling 0.578, the single-level Unrolling 0.568 (retrained, 5000 steps).
+  Why the paper's input cannot contract where the images carry no signal: `presets.DEQ_RECIPE`'s comment. The
+  dominant eigenvalue is real and positive in both maps without the hinge (power iteration, 40 steps, 3 validation
+  pairs; `brain` = pixels above 0.05 in either image, about 80 % of the image): paper input, stage 1 at step 1800:
+  0.93-1.11, 45-94 % of the eigenvector's mass in the brain; `Im` injected, stage 1 at step ~650: 0.99-1.09,
+  80-100 % in the brain.
 """
 
 
