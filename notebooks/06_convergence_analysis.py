@@ -571,6 +571,13 @@ for _, _, p_pairs, p_groups, n in wilcoxon_rows:  # no test beats its own floor
 # radius for that pair (`tables["deqreg"]` rows have it for the unseen pairs; rerun `E.evaluate(...,
 # certificate=True)` on the drift pair). If $q < 1$, compute the bound $\frac{q}{1-q}\,r_{96}$ and compare it with
 # the drift measured in section 4 (careful: the drift is a max-abs, $r_t$ an L2 norm; use max-abs for both).
+#
+# <details><summary>Hint</summary>
+#
+# Prepend $u_0 = 0$ to `res.states`; then `(b - a).abs().max()` over consecutive states gives $r_1, \dots, r_{96}$.
+# The geometric mean of the last 24 ratios telescopes to $(r_{96} / r_{72})^{1/24}$.
+#
+# </details>
 
 # %% tags=["exercise"]
 q_est = None  # TODO: states -> step sizes (max-abs) -> geometric mean of the ratios over the last 24 steps
@@ -635,7 +642,8 @@ assert abs(np.log(q_est) - np.log(r[-1] / r[-25]) / 24) < 1e-6  # the geometric 
 # * **Wilcoxon tests** over 30 pairs of 3 subjects measure consistency on these brains, not generalisation; over
 #   subject-pair means the floor of p is 0.031 (6 ordered) or 0.25 (3 unordered).
 # * Caveats: small 2D models at 80 x 96, of the provenance printed at the top (check whether all were trained from
-#   scratch on one budget); the numbers are printed by the cells above, never typed, so a re-run with new checkpoints updates them.
+#   scratch on one budget); the numbers are printed by the cells above, never typed, so a re-run with new
+#   checkpoints updates them.
 #
 # ## Checks (for CI)
 #
