@@ -49,10 +49,12 @@
 # * **explain** what a paired Wilcoxon test over 30 pairs of 3 subjects assumes, and **compute** it on subject-pair
 #   means instead.
 #
-# **Prerequisites.** Notebooks 01 (Eq. 1, the metrics: see 01, Metrics), 03 (Eq. 3, the Unrolling and its failure
-# past $T$), 04 (fixed points, contraction, the spectral radius), 05 (DEQReg) and **05b (the learned optimisers:
-# Unrolling, GraDIRN, RIIR and the Eq. 4 loss, taught there; this notebook only compares them)**. Maths: mean and
-# standard deviation, a paired signed-rank test at the level of "it ranks the differences".
+# **Prerequisites.** Notebooks [01](01_classical_registration.ipynb) (Eq. 1; the metrics: see 01, Metrics),
+# [03](03_unrolling_and_its_failure.ipynb) (Eq. 3, the Unrolling and its failure past $T$),
+# [04](04_fixed_points_forward.ipynb) (fixed points, contraction, the spectral radius), [05](05_deqreg.ipynb)
+# (DEQReg) and **[05b](05b_learned_optimisers.ipynb) (the learned optimisers: Unrolling, GraDIRN, RIIR and the Eq. 4
+# loss are taught there; this notebook only compares them)**. Maths: mean and standard deviation, a paired
+# signed-rank test at the level of "it ranks the differences".
 #
 # **Study time.** Running it: about 11 minutes in default mode (all 30 unseen pairs: 10 min 39 s, measured once on a
 # 2-core CPU that two training processes kept busy; a free laptop core should be faster), about 2 minutes in quick
