@@ -26,7 +26,7 @@ jupytext = pytest.importorskip("jupytext")
 ROOT = Path(__file__).resolve().parents[1]
 UPGRADED = ["00_welcome", "01_classical_registration", "02_one_step_learning", "03_unrolling_and_its_failure",
             "04_fixed_points_forward", "04b_implicit_and_phantom_gradients", "05_deqreg", "05b_learned_optimisers",
-            "07_oasis_brain_mri", "08_nlst_lung_ct", "09_capstone"]
+            "06_convergence_analysis", "07_oasis_brain_mri", "08_nlst_lung_ct", "09_capstone"]
 
 TOP_FIELDS = ("Goal", "Learning objectives", "Prerequisites", "Study time", "Notation")
 EXERCISE = re.compile(r"^###\s+Exercise\s+(\d+)\s+\((★{1,3})\)", re.M)
