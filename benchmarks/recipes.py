@@ -189,8 +189,14 @@ Context, measured on this project's 2-core CPU (torch 2.13 CPU, one thread per r
   a largest move of 4e-4 voxels from 48 to 500 steps, Dice unchanged. On 10 of the 30 real unseen pairs (every
   third): **every solve converged** (residual 8e-4 mean, 1.0e-3 max), **rho 0.86 mean / 0.94 max**, Dice 0.558,
   folding 0.14 % (VoxelMorph on all 30 pairs: 0.557, 1.0 %). The first recipe of this table whose map is a
-  contraction on every validation pair and every unseen pair measured; its Dice was still rising at 1750 of 5000
-  steps.
+  contraction on every validation pair and every unseen pair measured. **But its Dice did not keep rising**: val
+  Dice 0.609, 0.564, 0.542 at 1750, 2000, 2250 (8 pairs; training loss `L(u*)` 0.48-0.50 at 1100-1300, 0.53-0.58 at
+  1600-2350), and the fields shrank: mean |u| over 6 validation pairs 2.24 voxels at step 1000, 1.65 at 1750, 1.60 at
+  2350, against 3.08 for the paper-input stage 1 at step 1800 (Dice 0.697 on the same pairs). The hinge makes the
+  map contract partly by pulling its fixed point towards zero, even with `Im` injected. A branch with target 0.85
+  from step 1750 fell the same way (val Dice 0.568 at 2000). Running at the end of session 16: target 0.9 from step
+  1750, and a from-scratch run with leak 1 (`g = UNet(...)`: the network outputs the whole field, so predicting it
+  from `[If, Im]` is its default and reproducing `u` must be learned, the opposite of leak 0.5).
 """
 
 

@@ -62,9 +62,11 @@ DEQ_RECIPE = {"damping": 0.5, "leak": 0.5, "jac_weight": 0.3, "inject_moving": T
 #: voxels on those five, 2.5 on the sixth); on 10 of the 30 real unseen pairs Dice 0.575 (VoxelMorph, all 30 pairs:
 #: 0.557), 80 % converged, spectral radius 0.95 mean / 1.09 max. At step 1750 (10 power steps since 1500): every
 #: validation solve converged (rho <= 0.85, a largest move of 4e-4 voxels from 48 to 500 steps, val Dice 0.619),
-#: and on the same 10 unseen pairs every solve converged with rho 0.86 mean / 0.94 max, Dice 0.558. The recipe of
-#: the 5000-step runs (issue 10 stays open until they finish and the tables are measured);
-#: ``benchmarks/results/recipes.md`` has the table.
+#: and on the same 10 unseen pairs every solve converged with rho 0.86 mean / 0.94 max, Dice 0.558. **Not final**
+#: (issue 10 is open): after step 1750 validation Dice fell (0.609, 0.564, 0.542 at 1750, 2000, 2250), and the
+#: contraction came with smaller fields (mean |u| on 6 validation pairs: 3.08 voxels for the paper-input stage 1 at
+#: step 1800, 2.24 at step 1000 here, 1.65 at 1750, 1.60 at 2350): the map contracts partly by shrinking its fixed
+#: point. Being compared (``benchmarks/results/recipes.md``): hinge targets 0.85 and 0.9 from step 1750, and leak 1.
 DEQ_STAGES = ((500, {"solver": "anderson", "jac_weight": 1.0, "jac_power": 4, "jac_target": 0.8}),
               (1500, {"solver": "anderson", "jac_weight": 1.0, "jac_power": 10, "jac_target": 0.8}))
 #: per method: constructor options (``stages``: later options from a given step on), iterations, AdamW learning rate; every model starts from scratch
