@@ -195,6 +195,14 @@ def to_html(nb) -> str:
     return body
 
 
+def notebook_links_to_pages(body: str, stems: set[str]) -> str:
+    """Point the links between notebooks (``href="05_deqreg.ipynb"``, with an optional ``#anchor``), which work in
+    JupyterLab, at the site's pages (``05_deqreg.html``); links to anything else are left as they are."""
+    def page(m: re.Match) -> str:
+        return f'href="{m.group(1)}.html{m.group(2) or ""}"' if m.group(1) in stems else m.group(0)
+    return re.sub(r'href="([^"/#:]+)\.ipynb(#[^"]*)?"', page, body)
+
+
 NAV_CSS = """
 <style>
 .site-nav { font-family: sans-serif; font-size: 14px; padding: 8px 16px; background: #f3f5f7;
@@ -310,7 +318,7 @@ def build(out: Path, mode: str = "default", timeout: int = 1800, notebooks: list
         freeze_widgets(nb)
         prev = (entries[i - 1]["page"], entries[i - 1]["title"]) if i > 0 else None
         nxt = (entries[i + 1]["page"], entries[i + 1]["title"]) if i + 1 < len(entries) else None
-        page = add_nav(to_html(nb), prev, nxt)
+        page = add_nav(notebook_links_to_pages(to_html(nb), {x["name"] for x in entries}), prev, nxt)
         (out / e["page"]).write_text(page, encoding="utf-8")
     (out / "index.html").write_text(index_page(entries, mode), encoding="utf-8")
     (out / LICENSE_PAGE).write_text(licence_page(), encoding="utf-8")

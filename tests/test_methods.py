@@ -128,7 +128,8 @@ def test_build_method_errors_and_config_round_trip():
     assert deqreg12(2).config()["T"] == 12 and DEQReg12(2).S == 0 and DEQReg12.name == "deqreg12"
     assert DEQReg(2).config() == dict(ndim=2, T=48, S=3, gamma=0.5, K=3, tau=0.5, solver="fixed_point", tol=1e-3,
                                       damping=1.0, jac_weight=0.0, jac_eps=1e-2, leak=0.0,
-                                      jac_power=0, jac_target=0.0, checkpoint_phantom=False)
+                                      jac_power=0, jac_target=0.0, checkpoint_phantom=False,
+                                      inject_moving=False)
     assert Unrolling(2).T == 3 and RIIR(2).T == 6 and GraDIRN(2).trained_steps == 3
 
 

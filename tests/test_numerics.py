@@ -104,8 +104,15 @@ def test_mixed_batch_member_gets_its_own_displacement(brain, name):
     fb, mb = torch.cat([f, m, f.flip(-1)]), torch.cat([m, f, m.flip(-1)])  # the pair, swapped, mirrored
     batch = _disp(model, fb, mb)
     for i in range(3):
+        # no cross-talk: member i of the mixed batch equals member i of a batch of three copies of pair i (same batch
+        # size, so the same convolution kernels and the same float32 rounding)
+        copies = _disp(model, fb[i:i + 1].expand(3, -1, -1, -1).contiguous(),
+                       mb[i:i + 1].expand(3, -1, -1, -1).contiguous())[:1]
+        assert (batch[i:i + 1] - copies).abs().max().item() <= 1e-6, i
+        # and a pair run alone differs only by float32 rounding across batch sizes, which GraDIRN's 9 normalised
+        # gradient steps amplify (retrained GraDIRN: 2.8e-4 voxels on the swapped pair, identical for the copies)
         alone = _disp(model, fb[i:i + 1], mb[i:i + 1])
-        assert (batch[i:i + 1] - alone).abs().max().item() <= 1e-4, i
+        assert (batch[i:i + 1] - alone).abs().max().item() <= 1e-3, i
 
 
 def test_lncc_scale_invariant_on_brain2d(brain):

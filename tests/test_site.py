@@ -56,6 +56,14 @@ def test_link_check_finds_each_kind_of_broken_link(tmp_path):
     assert bs.check_links(tmp_path) == [] and bs.main(["--check", str(tmp_path)]) == 0
 
 
+def test_links_between_notebooks_point_at_the_site_pages():
+    body = ('<a href="05_deqreg.ipynb">05</a> <a href="03_x.ipynb#2.-More-steps">03</a> '
+            '<a href="other.ipynb">x</a> <a href="https://example.org/a.ipynb">y</a> <a href="05_deqreg.py">z</a>')
+    out = bs.notebook_links_to_pages(body, {"05_deqreg", "03_x"})
+    assert 'href="05_deqreg.html"' in out and 'href="03_x.html#2.-More-steps"' in out
+    assert 'href="other.ipynb"' in out and 'href="https://example.org/a.ipynb"' in out and 'href="05_deqreg.py"' in out
+
+
 def test_title_and_goal_of_every_notebook():
     for p in NOTEBOOKS:
         title, goal = bs.title_and_goal(nbformat.read(p, as_version=4))
