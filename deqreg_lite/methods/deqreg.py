@@ -143,9 +143,7 @@ class DEQReg(RegistrationMethod):
                  jac_eps: float = 1e-2, leak: float = 0.0, jac_power: int = 0, jac_target: float = 0.0,
                  checkpoint_phantom: bool = False, inject_moving: bool = False) -> None:
         super().__init__(ndim)
-        if not isinstance(inject_moving, bool):
-            raise ValueError(f"inject_moving must be True or False, got {inject_moving!r}")
-        self.inject_moving = inject_moving
+        self.inject_moving = check_checkpoint(inject_moving, "inject_moving")  # the shared bool check
         self.checkpoint_phantom = check_checkpoint(checkpoint_phantom, "checkpoint_phantom")
         self.jac_power = check_count(jac_power, "jac_power", low=0)
         for name, value in (("jac_weight", jac_weight), ("jac_eps", jac_eps), ("leak", leak),
