@@ -82,13 +82,12 @@
 # >   the moving image's central-difference gradient, with a strong LNCC variance floor (0.2 of the image's
 # >   variance, against 1e-5 in the loss), normalised to max-abs 1 per pair, so $\eta_l$ is in voxels. The paper
 # >   leaves these choices open; `deqreg_lite/methods/gradirn.py` says why they were made.
-# > * The shipped `riir.pt` predates issue 10: it was trained with $\sum_t w_t \mathcal L(u_t) / \sum_t w_t$
-# >   (normalised, no separate $\mathcal L(u_T)$), not with Eq. 4 as written; the library's `training_step` now uses
-# >   Eq. 4 (exercise 2 computes both). The models are being retrained (`data/checkpoints/README.md`), which is why
-# >   this notebook prints its numbers rather than quoting them.
-# > * No checkpoint of the paper's multi-level Unrolling (`unrolling_ml`) is shipped yet: section 1 writes it by
-# >   hand with untrained weights, and the sweeps use the single-level $T = 3$ model of notebook 03 (and
-# >   `unrolling_ml` too, as soon as `load_pretrained` offers it).
+# > * The shipped `riir.pt` is trained with Eq. 4 as written, from scratch, 5000 steps; an earlier `riir.pt` was
+# >   trained with $\sum_t w_t \mathcal L(u_t) / \sum_t w_t$ (normalised, no separate $\mathcal L(u_T)$), and
+# >   exercise 2 computes both losses. The DEQ checkpoints are still being retrained
+# >   (`data/checkpoints/README.md`), which is why this notebook prints its numbers rather than quoting them.
+# > * Section 1 writes the paper's multi-level Unrolling by hand with untrained weights; the sweeps use its shipped
+# >   checkpoint `unrolling_ml` beside the single-level $T = 3$ model of notebook 03.
 
 # %%
 # Colab only: fetch the repository and install the package. In a local checkout this cell does nothing.
@@ -578,9 +577,9 @@ with torch.no_grad():
         assert got["gradirn"] == calls_gradirn(t) and got["riir"] == calls_riir(t)
 
 # %% [markdown]
-# ### Exercise 2 (★★) The loss the shipped RIIR was trained with
+# ### Exercise 2 (★★) The loss an earlier RIIR was trained with
 #
-# The shipped `riir.pt` was trained with the loss of the code before issue 10: $\sum_t w_t \mathcal L(u_t) /
+# An earlier `riir.pt` was trained with the loss of the code before issue 10: $\sum_t w_t \mathcal L(u_t) /
 # \sum_t w_t$ (normalised weights, no separate $\mathcal L(u_T)$). From the per-step `losses` of section 3, compute
 # that loss, and the ratio of Eq. 4 to it. Why does AdamW hardly care about that ratio, while gradient clipping at a
 # fixed threshold does?
@@ -601,7 +600,7 @@ print("TODO" if old_loss is None else (old_loss, ratio))
 per_step = [l.item() for l in losses]
 old_loss = sum(a * b for a, b in zip(w, per_step)) / sum(w)
 ratio = eq4.item() / old_loss
-print(f"normalised loss (how riir.pt was trained) {old_loss:.4f}; Eq. 4 {eq4.item():.4f}; ratio {ratio:.1f}")
+print(f"normalised loss (the earlier riir.pt) {old_loss:.4f}; Eq. 4 {eq4.item():.4f}; ratio {ratio:.1f}")
 # Eq. 4 = L_T + sum_t w_t L_t, so the ratio is sum(w) + L_T / old_loss
 assert abs(eq4.item() - (per_step[-1] + old_loss * sum(w))) < 1e-4 * eq4.item()
 assert abs(ratio - (sum(w) + per_step[-1] / old_loss)) < 1e-4 * ratio
