@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteError", "check_int", "check_spacing", "check_image", "check_disp", "check_same_spatial", "check_finite", "check_options", "check_keypoints",
+__all__ = ["NonFiniteError", "check_bool", "check_int", "check_spacing", "check_image", "check_disp", "check_same_spatial", "check_finite", "check_options", "check_keypoints",
            "check_image_dtype", "check_unit_range", "UNIT_RANGE_TOL", "LOADER_RANGE_TOL",
            "to_unit_range"]
 
@@ -17,6 +17,17 @@ __all__ = ["NonFiniteError", "check_int", "check_spacing", "check_image", "check
 class NonFiniteError(ValueError):
     """A tensor holds NaN or inf. A ``ValueError``, so that bad input reads as bad input; the trainer tells it apart
     from other ``ValueError``s to report a diverging run (a NaN computed from finite images) as divergence."""
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A switch: ``value`` if it is a ``bool``, else ``ValueError`` (``0``/``1``, ``"yes"``, ``None`` are refused).
+
+    The one bool check of the library (``certificate``, ``inject_moving``, ``checkpoint``, ``use_grad``, ...). The
+    message is ``"{name} must be True or False, got {value!r}"``.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_int(value: Any, name: str, low: int = 1, *, allow_none: bool = False, hint: str = "") -> int | None:

@@ -60,7 +60,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from ._checks import check_int, check_options
+from ._checks import check_bool, check_int, check_options
 from .memory import recompute_context
 from .solvers import Map, SolverDivergedError, SolverInfo, _check_z0, fixed_point, residuals, solve
 from .solvers import solver_options as _options_of
@@ -95,10 +95,8 @@ class DEQInfo(SolverInfo):
 
 
 def check_checkpoint(value: object, name: str = "checkpoint") -> bool:
-    """``value`` if it is a bool; ``ValueError`` otherwise (``0``/``1``, ``"yes"``, ``None`` are rejected)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
+    """``value`` if it is a bool; ``ValueError`` otherwise (``_checks.check_bool`` under the option's name)."""
+    return check_bool(value, name)
 
 
 def _damped(f: Map, tau: float) -> Map:

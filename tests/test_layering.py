@@ -148,6 +148,23 @@ def test_helpers_have_one_home():
         for bad in (0, True, 2.0, "3"):
             with pytest.raises(ValueError, match="n must be an integer >= 1"):
                 check(bad)
+    # one bool check: every switch of the library refuses 0/1, strings and None with the same message
+    from deqreg_lite.evaluate import evaluate
+    from deqreg_lite.methods import build_method
+    from deqreg_lite.methods.riir import RIIR
+
+    tiny = torch.rand(1, 1, 8, 8)
+    switches = {"check_bool": lambda v: _checks.check_bool(v, "flag"),
+                "deq.check_checkpoint": lambda v: deq.check_checkpoint(v, "flag"),
+                "DEQReg(inject_moving=)": lambda v: build_method("deqreg", 2, inject_moving=v),
+                "RIIR(use_grad=)": lambda v: RIIR(2, use_grad=v),
+                "DEQReg.forward(certificate=)": lambda v: build_method("deqreg", 2)(tiny, tiny, certificate=v),
+                "evaluate(certificate=)": lambda v: evaluate(build_method("voxelmorph", 2), [], certificate=v)}
+    for where, check in switches.items():
+        for bad in (0, 1, "yes", None):
+            with pytest.raises(ValueError, match=r"must be True or False, got"):
+                check(bad)
+    assert _checks.check_bool(False, "flag") is False
     with pytest.raises(ValueError, match="steps must be an integer >= 1 or None"):
         _common.check_steps(0, 5)
     assert _common.check_steps(None, 5) == 5

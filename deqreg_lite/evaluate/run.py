@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_bool
 from .._contexts import eval_mode
 from ..datasets.learn2reg import save_l2r_disp
 from ..methods.baselines import ELASTIX_INSTALL_HINT, elastix_method
@@ -262,8 +263,7 @@ def evaluate(method: Any, pairs: Any, steps: int | None = None, memory: bool = T
         ``info.sample_residual``, ``info.sample_converged``) get the per-pair columns ``residual`` (final
         relative residual) and ``converged`` (1.0 or 0.0), and ``spectral_radius`` with ``certificate=True``.
     """
-    if not isinstance(certificate, bool):
-        raise ValueError(f"certificate must be True or False, got {certificate!r}")
+    check_bool(certificate, "certificate")
     items = _as_pairs(pairs)
     call = as_method(method, device)
     dev = call.device

@@ -67,9 +67,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..deq import DEQ, check_checkpoint, phantom, spectral_radius
+from ..deq import DEQ, phantom, spectral_radius
 from ..nets import UNet
-from .._checks import check_options
+from .._checks import check_bool, check_options
 from ..result import MethodInfo, RegistrationResult
 from .base import Backward, LossFn, RegistrationMethod
 from ._common import Clock, check_count, check_pair, check_steps, make_result, residual_step
@@ -143,8 +143,8 @@ class DEQReg(RegistrationMethod):
                  jac_eps: float = 1e-2, leak: float = 0.0, jac_power: int = 0, jac_target: float = 0.0,
                  checkpoint_phantom: bool = False, inject_moving: bool = False) -> None:
         super().__init__(ndim)
-        self.inject_moving = check_checkpoint(inject_moving, "inject_moving")  # the shared bool check
-        self.checkpoint_phantom = check_checkpoint(checkpoint_phantom, "checkpoint_phantom")
+        self.inject_moving = check_bool(inject_moving, "inject_moving")
+        self.checkpoint_phantom = check_bool(checkpoint_phantom, "checkpoint_phantom")
         self.jac_power = check_count(jac_power, "jac_power", low=0)
         for name, value in (("jac_weight", jac_weight), ("jac_eps", jac_eps), ("leak", leak),
                             ("jac_target", jac_target)):
@@ -233,8 +233,7 @@ class DEQReg(RegistrationMethod):
         ``info.extras["residual"]`` (the largest ``sample_residual``: the batch's final relative residual) and
         ``info.converged`` (every pair) batch-wide.
         """
-        if not isinstance(certificate, bool):
-            raise ValueError(f"certificate must be True or False, got {certificate!r}")
+        check_bool(certificate, "certificate")
         check_pair(fixed, moving, self.ndim, model=self)
         trained = steps is None
         n = check_steps(steps, self.T)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_bool
 from ..nets import UNet
 from ..warp import warp
 from .base import Backward, LossFn
@@ -82,9 +83,7 @@ class RIIR(RecurrentMethod):
         super().__init__(ndim)
         self.T = self.trained_steps = check_count(T, "T")
         self.hidden = check_count(hidden, "hidden")
-        if not isinstance(use_grad, bool):
-            raise ValueError(f"use_grad must be True or False, got {use_grad!r}")
-        self.use_grad = use_grad
+        self.use_grad = check_bool(use_grad, "use_grad")
         self.features = UNet(ndim, 2 + ndim + (ndim if use_grad else 0), hidden)
         self.features.head.reset_parameters()  # features, not an update: the default init, not a near-zero one
         self.gru = ConvGRU(ndim, hidden, hidden)
