@@ -220,8 +220,9 @@ class DEQReg(RegistrationMethod):
         :meth:`training_step`), and ``steps=t`` is exactly ``t`` steps, the last iterate (``phi_t = g^t(0)`` with
         the fixed-point solver), what a step sweep needs.
 
-        * ``certificate``: also estimate, per pair, the spectral radius of ``dg/dphi`` (the Jacobian of the update
-          map :meth:`update_map`) at the returned ``disp``, by :func:`~deqreg_lite.deq.spectral_radius`
+        * ``certificate``: also estimate, per pair, the spectral radius of the Jacobian of the map the solver
+          iterates, :meth:`iteration_map` (``h = phi + damping (g - phi)``; ``g`` itself when ``damping = 1``), at
+          the returned ``disp``, by :func:`~deqreg_lite.deq.spectral_radius`
           (``CERTIFICATE_ITERS`` = 30 Jacobian-vector products per pair, each about two network passes; off by
           default). It fills ``info.extras``: ``spectral_radius`` (per pair, the norm growth ratio
           ``||J v|| / ||v||``: below 1 means the map is a contraction near the returned point),
