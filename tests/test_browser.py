@@ -190,7 +190,8 @@ PLOTLY_SLIDER_JS = """el => {
                              || JSON.stringify(gd.data[t].z) === JSON.stringify(update.z[k]));
   return {active: s.active || 0, steps: s.steps.length, label: step.label, shown: text ? text.textContent : null,
           method: step.method, holds,
-          images: [...gd.querySelectorAll('.hm image')].map(i => i.getAttribute('href') || i.getAttribute('xlink:href'))};
+          images: [...gd.querySelectorAll('.hm image')]
+            .map(i => i.getAttribute('href') || i.getAttribute('xlink:href'))};
 }"""
 
 
