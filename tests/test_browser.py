@@ -8,8 +8,11 @@ student: inline matplotlib, Plotly through ``plotly_mimetype``). Debian's ``chro
 * it is not marked as modified when it opens, nor once its kernel has started (JupyterLab adds a ``language_info``
   to a notebook that lacks one, and replaces it with the kernel's: the notebooks store the kernel's own);
 * "Run All" runs every code cell, and no cell shows an error;
-* moving one slider with the mouse changes what the notebook shows (an ipywidgets slider in 01 and 05, the
-  Plotly slider of the deformation viewer in 08), and in 08 the Plotly figures are drawn (``.main-svg``).
+* moving one slider with the mouse changes what the notebook shows: an ipywidgets slider in 01 and 05; in 08 the
+  Plotly figures are drawn (``.main-svg``), and the first slider of the first 3D viewer is dragged by its grip
+  from the middle slice (where the viewers open) to a quarter of its rail; its active step must follow the mouse,
+  its current value must name that step, the traces must hold the step's data (a ``restyle``) and the heatmaps
+  must be drawn again.
 
 Skipped only when Playwright or Chromium is missing; ``scripts/setup.sh`` installs both.
 """
@@ -150,14 +153,15 @@ def _open(page, base: str, token: str, name: str):
                            f"&& w.context.path.endsWith('{name}.ipynb'); }}", timeout=120_000)
 
 
-def _drag_to_middle(page, handle, track) -> None:
-    """Press the mouse on a slider's handle, drag it to the middle of its track and release it."""
+def _drag(page, handle, track, frac: float = 0.5) -> None:
+    """Press the mouse on a slider's handle, drag it to ``frac`` of its track's width and release it."""
     h, t = handle.bounding_box(), track.bounding_box()
-    page.mouse.move(h["x"] + h["width"] / 2, h["y"] + h["height"] / 2)
+    x0, y = h["x"] + h["width"] / 2, h["y"] + h["height"] / 2
+    x1 = t["x"] + frac * t["width"]
+    page.mouse.move(x0, y)
     page.mouse.down()
-    for frac in (0.3, 0.6, 1.0):
-        x0 = h["x"] + h["width"] / 2
-        page.mouse.move(x0 + frac * (t["x"] + t["width"] / 2 - x0), h["y"] + h["height"] / 2)
+    for f in (0.3, 0.6, 1.0):
+        page.mouse.move(x0 + f * (x1 - x0), y)
     page.mouse.up()
 
 
@@ -167,22 +171,51 @@ def _move_widget_slider(page, label: str) -> tuple[str, str]:
     slider = area.locator(".widget-slider", has=page.locator(".widget-label").get_by_text(label, exact=True)).first
     slider.scroll_into_view_if_needed()
     before = area.inner_html()
-    _drag_to_middle(page, slider.locator(".noUi-handle").first, slider.locator(".noUi-target").first)
+    _drag(page, slider.locator(".noUi-handle").first, slider.locator(".noUi-target").first)
     page.wait_for_function("([el, before]) => el.innerHTML !== before && !el.querySelector('.widget-output:empty')",
                            arg=[area.element_handle(), before], timeout=120_000)
     return before, area.inner_html()
 
 
-def _move_plotly_slider(page) -> tuple[str, str]:
+# What a Plotly figure's first slider shows: its active step and the step count (plotly.js keeps ``layout.sliders``
+# in step with the grip), the current-value text drawn above it, whether the traces its steps restyle hold that
+# step's data, and the heatmap images drawn in the figure.
+PLOTLY_SLIDER_JS = """el => {
+  const gd = el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot');
+  const s = gd.layout.sliders[0], step = s.steps[s.active || 0];
+  const group = gd.querySelector('.slider-container .slider-group');
+  const text = group && group.querySelector(':scope > text.slider-label');
+  const [update, traces] = step.args;
+  const holds = traces.every((t, k) => update.z[k] === null || update.z[k] === undefined
+                             || JSON.stringify(gd.data[t].z) === JSON.stringify(update.z[k]));
+  return {active: s.active || 0, steps: s.steps.length, label: step.label, shown: text ? text.textContent : null,
+          method: step.method, holds,
+          images: [...gd.querySelectorAll('.hm image')]
+            .map(i => i.getAttribute('href') || i.getAttribute('xlink:href'))};
+}"""
+
+
+def _move_plotly_slider(page) -> tuple[dict, dict, int]:
+    """Drag the grip of the first slider of the first Plotly figure that has one, to the quarter of its rail farther
+    from the grip (the viewers open at the middle slice: a drag to the middle would not move them), by mouse.
+
+    Returns the slider's state (``PLOTLY_SLIDER_JS``) before and after, and the step the release point maps to."""
     plot = page.locator(".jp-RenderedPlotly", has=page.locator(".slider-container")).first
-    plot.scroll_into_view_if_needed()
-    before = plot.inner_html()
-    rail = plot.locator(".slider-container .slider-rail-rect").first
-    rail.scroll_into_view_if_needed()  # the slider sits under a tall figure: bring it on screen before clicking
-    _drag_to_middle(page, plot.locator(".slider-container .slider-grip-rect").first, rail)
-    page.wait_for_function("([el, before]) => el.innerHTML !== before", arg=[plot.element_handle(), before],
-                           timeout=60_000)
-    return before, plot.inner_html()
+    group = plot.locator(".slider-container .slider-group").first
+    grip, rail = group.locator(".slider-grip-rect"), group.locator(".slider-rail-rect")
+    rail.scroll_into_view_if_needed()  # the slider sits under a tall figure: bring it on screen before pressing
+    before = plot.evaluate(PLOTLY_SLIDER_JS)
+    g, r = grip.bounding_box(), rail.bounding_box()
+    frac = 0.75 if g["x"] + g["width"] / 2 < r["x"] + r["width"] / 2 else 0.25
+    _drag(page, grip, rail, frac)
+    expected = round(frac * (before["steps"] - 1))
+    try:  # the step's restyle runs on the next animation frame, then the heatmaps are drawn again
+        page.wait_for_function("([el, before]) => { const s = (" + PLOTLY_SLIDER_JS + ")(el); return s.active !== "
+                               "before.active && s.holds && s.images.join() !== before.images.join(); }",
+                               arg=[plot.element_handle(), before], timeout=60_000)
+    except playwright_sync.TimeoutError:
+        pass  # the assertions below say what did not change
+    return before, plot.evaluate(PLOTLY_SLIDER_JS), expected
 
 
 @pytest.mark.browser
@@ -231,13 +264,21 @@ def test_notebook_opens_clean_runs_and_its_slider_redraws(lab, browser, name, tm
                 pytest.fail(f"{name}: no Plotly figure drew in JupyterLab: {seen}")
             drawn = page.locator(".jp-RenderedPlotly .main-svg").count()
             assert drawn >= 3, f"{name}: only {drawn} Plotly figures drawn"
-            before, after = _move_plotly_slider(page)
-            if before == after:  # open (issue 11): the drag does not register or the figure does not redraw
-                pytest.xfail(f"{name}: the Plotly figures drew, but dragging a Plotly slider did not change the "
-                             "figure within 60 s (not yet resolved: the drag or the redraw)")
+            before, after, expected = _move_plotly_slider(page)
+            print(f"{name}: Plotly slider step {before['active']} ({before['shown']}) -> {after['active']} "
+                  f"({after['shown']}) of {after['steps']}, released at step {expected}")
+            assert before["method"] == "restyle", f"{name}: the viewer's slider steps should restyle: {before}"
+            assert abs(after["active"] - expected) <= 1 and after["active"] != before["active"], \
+                f"{name}: the Plotly slider did not follow the mouse: step {before['active']} -> {after['active']}, " \
+                f"released at step {expected}"
+            prefix = before["shown"][:len(before["shown"]) - len(before["label"])]  # "axis 0 index: "
+            assert before["shown"] == prefix + before["label"] and after["shown"] == prefix + after["label"], \
+                f"{name}: the slider's current value reads {after['shown']!r} at step {after['active']}"
+            assert after["holds"], f"{name}: the traces do not hold step {after['active']}'s data"
+            assert after["images"] != before["images"], f"{name}: the heatmaps were not drawn again"
         else:
             before, after = _move_widget_slider(page, case["widget_label"])
-        assert before != after
+            assert before != after
         print(f"{name}: opened and ran in {t_run:.1f} s, slider redrew, total {time.time() - t0:.1f} s")
     except Exception:
         page.screenshot(path=str(tmp_path / f"{name}.png"), full_page=False)
