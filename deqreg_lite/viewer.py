@@ -176,6 +176,11 @@ def _build(panels: list[_Panel], rows: int, cols: int, spacing: np.ndarray, poin
         vertical_spacing = 0.08 if rows > 1 else 0.1
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=horizontal_spacing,
                         vertical_spacing=vertical_spacing, row_heights=row_heights)
+    # open every slider on one of its own steps: the first picture is a slice the slider can come back to
+    point = list(point)
+    for axis in {p.axis for p in panels}:
+        positions = _slider_positions(panels[0].volume.shape[axis], max_steps)
+        point[axis] = min(positions, key=lambda v: abs(v - int(point[axis])))
 
     def coords(axis):
         a, b = [k for k in range(3) if k != axis]

@@ -52,7 +52,9 @@ def test_three_plane_structure_and_slices(vol):
 def test_three_plane_point_rounding_and_max_steps(vol):
     fig = viewer.three_plane(vol, point=(1, 2, 3), max_steps=5)
     v = vol[0, 0].numpy()
-    np.testing.assert_allclose(_z(fig.data[2]), np.round(v[:, :, 3], 3), atol=1e-9)
+    # axis 2 has 10 slices and 5 steps (0, 2, 4, 7, 9): the requested slice 3 opens on the nearest step, 2
+    np.testing.assert_allclose(_z(fig.data[2]), np.round(v[:, :, 2], 3), atol=1e-9)
+    assert fig.layout.sliders[2].steps[fig.layout.sliders[2].active].label == "2"
     assert [len(s.steps) for s in fig.layout.sliders] == [5, 5, 5]
     assert fig.layout.sliders[0].steps[-1].label == str(SHAPE[0] - 1)
 
@@ -189,3 +191,13 @@ def test_comparison_figure_has_a_fixed_size_that_fits_its_panels():
             px_w = (sub.xaxis.domain[1] - sub.xaxis.domain[0]) * (width - 170)
             px_h = (sub.yaxis.domain[1] - sub.yaxis.domain[0]) * (height - 210)
             assert 250 <= px_w <= 270 and abs(px_h - px_w) < 0.05 * px_w  # square slices, ~260 px panels
+
+
+def test_three_plane_opens_on_a_slider_step(vol):
+    """With fewer steps than slices, the first picture is the active step's slice (one the slider can return to),
+    not the requested point's slice between two steps."""
+    for point in (None, (0, 1, 2), (SHAPE[0] - 2, SHAPE[1] // 2 + 1, 1)):
+        fig = viewer.three_plane(vol, point=point, max_steps=4, decimals=None)
+        for k, slider in enumerate(fig.layout.sliders):
+            shown = _z(fig.data[k])
+            np.testing.assert_allclose(shown, np.asarray(slider.steps[slider.active].args[0]["z"][0]), atol=1e-9)
