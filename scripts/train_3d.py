@@ -55,7 +55,10 @@ from deqreg_lite.train import Trainer, load_checkpoint, save_checkpoint  # noqa:
 
 #: the models, in training order (cheapest first).
 NAMES = PRETRAINED_3D
-#: the internal size (per axis) chosen by measuring (``MEASURED``): 96 / 3.
+#: the internal size (per axis), chosen by measuring (``MEASURED``): 96 / 3. Neither 32^3 nor 48^3 gives DEQReg 1000
+#: steps in a CPU hour (about 150 and 90); 32^3 is the smaller cost (1000 steps: VoxelMorph ~22 min, Unrolling ~1.4 h,
+#: DEQReg ~7 h, resumable in pieces with --minutes); 16^3 would fit DEQReg's 1000 steps in ~1.3 h, at 12 mm voxels
+#: for the brain.
 SIZE = 32
 #: the sizes a run may use: they divide the shipped samples' 96 voxels and the U-Nets' 16.
 SIZES = (16, 32, 48, 96)
@@ -70,15 +73,17 @@ VAL_EVERY = 100
 CHECKPOINT_EVERY = 10
 #: generated training pairs per epoch (each is drawn from its own seed; a 1000-step run sees each once).
 N_TRAIN = 100_000
-#: measured once (batch 1, one thread, nice 19, ``time.process_time`` of the training step; median of 3 steps after a
-#: first one), while three 2D trainings ran on the machine's two cores: the CPU seconds are the work; the wall
-#: seconds at nice 19 were 2-3.5x more. ``deqreg``: stage 1 (``DEQ_RECIPE``) and the last stage (Anderson, 10 power
-#: steps).
+#: measured once (batch 1, one thread, nice 19, ``time.process_time`` of one training step with the optimizer
+#: update, no data generation; median of 3 steps after a first one, of 2 at 16^3), while three 2D trainings ran on the
+#: machine's two cores: the CPU seconds are the work; the wall seconds at nice 19 were 1.5-3.5x more. ``deqreg``:
+#: stage 1 (``DEQ_RECIPE``) and the last stage (Anderson, 10 power steps). Generating a training pair adds about
+#: 0.1 s at 32^3; validating DEQReg on one pair (48 steps) costs about 14 s at 32^3.
 MEASURED = {
     "machine": "2 CPU cores (AMD EPYC), torch 2.13 CPU, busy: three 2D trainings at normal priority",
     "unit": "CPU seconds per optimizer step (batch 1, 1 thread)",
+    16: {"voxelmorph": 0.27, "unrolling_ml": 2.13, "deqreg": 4.71},
     32: {"voxelmorph": 1.33, "unrolling_ml": 5.17, "deqreg": 25.1, "deqreg_last_stage": 23.1},
-    48: {"voxelmorph": 1.99, "unrolling_ml": 11.9},
+    48: {"voxelmorph": 1.99, "unrolling_ml": 11.9, "deqreg": 39.6, "deqreg_last_stage": 39.6},
 }
 BUDGET_RULE = ("equal optimizer steps (batch 1) for every model, from scratch; --minutes only stops a call early "
                "(resumable). Not equal wall time: on a shared CPU the wall time depends on the load")
@@ -150,12 +155,14 @@ def _trainer_factory(size: int, kinds: tuple[str, ...], val_every: int, val_pair
 
 
 def _printer(name: str, seed: int, log: Callable[[str], None]) -> Callable[[Trainer], None]:
-    """A progress callback: the newest training row (and validation rows since the last call)."""
-    seen = {"rows": 0}
+    """A progress callback: the newest training row, and the validation rows made since the last call (a resumed
+    trainer's history also holds the earlier calls' rows: only iterations after the last one shown count)."""
+    seen: dict = {"iteration": None}
 
     def show(trainer: Trainer) -> None:
-        rows = trainer.history[seen["rows"]:]
-        seen["rows"] = len(trainer.history)
+        low = seen["iteration"] if seen["iteration"] is not None else trainer.iteration - trainer.checkpoint_every
+        seen["iteration"] = trainer.iteration
+        rows = [r for r in trainer.history if low < r.get("iteration", -1) <= trainer.iteration]
         train = [r for r in rows if r.get("split") == "train"]
         parts = []
         if train:
