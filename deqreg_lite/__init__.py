@@ -7,7 +7,7 @@ listed before it (more primitive); nothing imports upward, lazily or not (``test
   check), ``_contexts`` (eval mode and isolated RNG state for a block), ``memory``, ``warp``, ``result``,
   ``losses`` (the one ``Objective``), ``metrics``, ``solvers`` (and the one relative residual);
 * floor 1, data and machinery: ``nets``, ``deq``, ``checkpoints``, ``datasets`` (synthetic, samples, pairs,
-  download, Learn2Reg file I/O, OASIS, NLST);
+  volumes, download, Learn2Reg file I/O, OASIS, NLST);
 * floor 2, registration methods: ``classical`` (Eq. 2), ``methods`` (the learned methods, their loss and the
   baselines), ``pretrained`` (loads the shipped checkpoints);
 * floor 3, driving methods over data: ``train`` (``Trainer``; takes a validation function), ``distributed``,

@@ -21,6 +21,13 @@ shipped checkpoints were made by ``python scripts/train_pretrained.py`` at :data
 of :mod:`deqreg_lite.presets` (``SETTINGS``, ``TRAIN_KINDS``, ``LAM``); ``data/checkpoints/README.md`` records how,
 and the measured numbers.
 
+**Small 3D models** (``voxelmorph``, ``unrolling_ml``, ``deqreg``), trained on the CPU by ``python
+scripts/train_3d.py`` and exported to ``data/checkpoints/3d`` (with a ``manifest.json``), load with
+``load_pretrained_3d(name)``: the same :class:`HalfResolution` wrapper with a fixed working size, the size they were
+trained at (``extra["train_size"]``, e.g. 32^3), so that they take the shipped 96^3 samples (or any size) and return
+``(B, 3, *input size)`` displacements in voxels of the input grid. No 3D checkpoint is shipped yet: the loader then
+raises ``FileNotFoundError`` with the commands that make one.
+
 Checkpoints use the library's format (:mod:`deqreg_lite.checkpoints`, no optimizer, no RNG state;
 ``torch.load(weights_only=True)`` reads them); :meth:`RegistrationMethod.from_checkpoint
 <deqreg_lite.methods.base.RegistrationMethod.from_checkpoint>` (or :func:`deqreg_lite.train.load_method`)
@@ -41,7 +48,8 @@ from .methods.base import RegistrationMethod
 from .methods.resolution import HalfResolution
 
 __all__ = ["PRETRAINED", "HalfResolution", "checkpoints_dir", "checkpoint_path", "available_pretrained",
-           "load_pretrained", "TRAIN_SIZE", "INPUT_SIZE"]
+           "load_pretrained", "TRAIN_SIZE", "INPUT_SIZE", "PRETRAINED_3D", "INPUT_SIZE_3D", "checkpoints_dir_3d",
+           "available_pretrained_3d", "load_pretrained_3d"]
 
 #: names of the shipped checkpoints.
 PRETRAINED = ("voxelmorph", "unrolling", "unrolling_ml", "gradirn", "riir", "deqreg", "deqreg12")
@@ -50,6 +58,10 @@ TRAIN_SIZE = (80, 96)
 INPUT_SIZE = (160, 192)
 
 _HOW = "python scripts/train_pretrained.py --names {name}"
+#: names of the small 3D models (``data/checkpoints/3d``), and the size of the shipped 3D samples they are meant for.
+PRETRAINED_3D = ("voxelmorph", "unrolling_ml", "deqreg")
+INPUT_SIZE_3D = (96, 96, 96)
+_HOW_3D = "python scripts/train_3d.py --names {name}` then `python scripts/train_3d.py --export-only --names {name}"
 
 
 def checkpoint_path(name: str) -> Path:
@@ -104,4 +116,58 @@ def load_pretrained(name: str, device: str | torch.device | None = None,
                          f"`{_HOW.format(name=name)}`") from None
     factor = int((ckpt.get("extra") or {}).get("factor", 2))
     model = HalfResolution(method, factor=factor)
+    return model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
+
+
+# ------------------------------------------------------------------------------------------- the small 3D models
+def checkpoints_dir_3d() -> Path:
+    """The folder of the 3D checkpoints: ``checkpoints_dir() / "3d"``."""
+    return checkpoints_dir() / "3d"
+
+
+def available_pretrained_3d() -> dict[str, bool]:
+    """``{name: whether its 3D checkpoint file exists}`` for every name in :data:`PRETRAINED_3D`."""
+    return {name: (checkpoints_dir_3d() / f"{name}.pt").is_file() for name in PRETRAINED_3D}
+
+
+def load_pretrained_3d(name: str, device: str | torch.device | None = None) -> HalfResolution:
+    """The small 3D ``name`` model, wrapped to take ``(B, 1, D, H, W)`` volumes (the shipped 96^3 samples), in eval
+    mode.
+
+    The method is rebuilt from ``checkpoints_dir_3d() / f"{name}.pt"`` and wrapped in :class:`HalfResolution` with
+    the checkpoint's ``extra["factor"]`` and a fixed working size, ``extra["train_size"]`` (the size it was trained
+    at): the volumes are blurred and resampled to that size, the model runs there, and the displacement (and every
+    state) comes back at the input size, in voxels of the input grid (``(B, 3, D, H, W)``; ``info["internal_size"]``
+    records the working size). ``extra["pretrained"]`` holds the training record (size, steps, data, whether the
+    shipped samples were in training, the label its table rows should carry).
+
+    Args:
+        name: one of :data:`PRETRAINED_3D`.
+        device: where the model goes (default the CPU).
+    Returns:
+        a :class:`HalfResolution` around the 3D method.
+    Raises:
+        ValueError: unknown name, a corrupt file, or a checkpoint that is not a 3D model with a recorded training
+            size (the message names the file and says how to remake it).
+        FileNotFoundError: no checkpoint file (the message gives the commands that make it).
+    """
+    if not isinstance(name, str) or name not in PRETRAINED_3D:
+        raise ValueError(f"unknown 3D pretrained model {name!r}; choose one of {list(PRETRAINED_3D)}")
+    path = checkpoints_dir_3d() / f"{name}.pt"
+    how = _HOW_3D.format(name=name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no 3D checkpoint for {name!r} at {path}; make it with `{how}` (the 3D models "
+                                "are trained on the CPU at a reduced size; README, 'Small 3D models')")
+    try:
+        ckpt = load_checkpoint(path, "cpu", name=name)
+        method = RegistrationMethod.from_checkpoint(ckpt, device="cpu")
+    except ValueError as exc:
+        raise ValueError(f"{exc}. To remake the 3D {name!r} checkpoint, delete {path} and run `{how}`") from None
+    extra = ckpt.get("extra") or {}
+    size = extra.get("train_size")
+    if method.ndim != 3 or not isinstance(size, (list, tuple)) or len(size) != 3:
+        raise ValueError(f"{path} is not a 3D checkpoint made by scripts/train_3d.py (ndim {method.ndim}, "
+                         f"train_size {size!r}); remake it with `{how}`")
+    factor = int(extra.get("factor", max(1, INPUT_SIZE_3D[0] // int(size[0]))))
+    model = HalfResolution(method, factor=factor, size=tuple(int(v) for v in size))
     return model.to(torch.device(device) if device is not None else torch.device("cpu")).eval()

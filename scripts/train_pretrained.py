@@ -79,27 +79,49 @@ def _trainer(method: nn.Module, cfg: dict, folder: Path, seed: int, iterations: 
 
 
 def train_run(name: str, seed: int, runs: Path, *, iterations: Optional[int] = None, resume: bool = True,
-              log: Callable[[str], None] = print, kwargs: Optional[dict] = None) -> dict:
+              log: Callable[[str], None] = print, kwargs: Optional[dict] = None, ndim: int = 2,
+              cfg: Optional[dict] = None, make_trainer: Optional[Callable[..., Trainer]] = None,
+              record: Optional[dict] = None, minutes: Optional[float] = None,
+              progress: Optional[Callable[[Trainer], None]] = None) -> dict:
     """Train ``name`` with ``seed`` from scratch into ``runs/<name>-seed<seed>/`` (``last.pt`` every
     ``CHECKPOINT_EVERY`` steps, ``best.pt`` by validation Dice, ``log.jsonl``); with ``resume`` an existing
     ``last.pt`` is continued. ``kwargs`` replace the method's constructor options of ``SETTINGS`` (recipe
-    experiments; recorded in the summary's ``config``). Returns the run's summary (also written to ``run.json``)."""
-    cfg = dict(SETTINGS[name])
+    experiments; recorded in the summary's ``config``). Returns the run's summary (also written to ``run.json``).
+
+    A recipe in stages (``cfg["stages"]``: ``(first step, options)``) runs as one run: each stage resumes the
+    previous one's ``last.pt`` with its own options, and ``best.pt`` is chosen among the last stage's checkpoints.
+    Stages that would start at or after the budget are left out (and out of the summary).
+
+    The same loop trains the small 3D models (``scripts/train_3d.py``): ``ndim`` (2 or 3), ``cfg`` (default
+    ``SETTINGS[name]``: ``kwargs``, ``iterations``, ``lr``, ``batch_size``, optional ``stages``), ``make_trainer``
+    (``(method, cfg, folder, seed, iterations, overwrite) -> Trainer``, default the 2D data of this script) and
+    ``record`` (fields that replace or extend the summary's, e.g. ``data`` and ``selection``). ``minutes`` stops
+    this call after that much wall time, at the next multiple of the trainer's ``checkpoint_every`` steps
+    (``last.pt`` is written there; running it again resumes): the summary then says ``finished: false``.
+    ``progress(trainer)``, when given, is called after every ``checkpoint_every`` steps (e.g. to print the newest
+    row of ``trainer.history``)."""
+    cfg = dict(SETTINGS[name] if cfg is None else cfg)
+    make_trainer = _trainer if make_trainer is None else make_trainer
     stages = [(0, dict(cfg["kwargs"]))] + [(start, {**cfg["kwargs"], **upd}) for start, upd in cfg.get("stages", ())]
     if kwargs:  # a recipe experiment: one stage with these options
         stages = [(0, {**cfg["kwargs"], **kwargs})]
     its = int(iterations if iterations is not None else cfg["iterations"])
+    stages = [st for st in stages if st[0] == 0 or st[0] < its]  # a stage that starts after the budget never runs
     folder = run_dir(runs, name, seed)
     cont = resume and (folder / "last.pt").is_file()
     done = int(load_checkpoint(folder / "last.pt", "cpu")["iteration"]) if cont else 0
     t0 = time.perf_counter()
+    deadline = t0 + 60.0 * minutes if minutes is not None else None
+    trainer: Optional[Trainer] = None
     for i, (start, options) in enumerate(stages):
         end = min(its, stages[i + 1][0]) if i + 1 < len(stages) else its
         if i + 1 < len(stages) and done >= end:
             continue  # this stage is behind the run
+        if trainer is not None and deadline is not None and time.perf_counter() >= deadline:
+            break  # out of time at a stage boundary: the next call starts the next stage
         torch.manual_seed(seed)
-        method = build_method(name, 2, **options)
-        trainer = _trainer(method, cfg, folder, seed, end, overwrite=not cont)
+        method = build_method(name, ndim, **options)
+        trainer = make_trainer(method, cfg, folder, seed, end, overwrite=not cont)
         if cont:
             with warnings.catch_warnings():
                 if i > 0:  # the checkpoint holds the previous stage's options: expected
@@ -110,30 +132,54 @@ def train_run(name: str, seed: int, runs: Path, *, iterations: Optional[int] = N
                 trainer.restart_selection()
             log(f"[{name} seed {seed}] resumed at iteration {trainer.iteration} (stage {i + 1}/{len(stages)}: "
                 f"{options})")
-        trainer.fit()
+        _fit(trainer, deadline, progress)
         done, cont = trainer.iteration, True
+        if trainer.iteration < end:  # stopped by the time limit
+            break
     rows = trainer.history
-    train_s = sum(r["time_s"] * 25 for r in rows if r.get("split") == "train" and "time_s" in r)
+    train_s = sum(r["time_s"] * trainer.log_every for r in rows if r.get("split") == "train" and "time_s" in r)
     vals = [r for r in rows if r.get("split") == "val"]
     last_start = max(start for start, _ in stages if start == 0 or start < trainer.iteration)
     eligible = [r for r in vals if r["iteration"] > last_start] if last_start else vals  # as best.pt was chosen
     best = max(eligible, key=lambda r: r["dice"]) if eligible else None
+    curve_every = trainer.val_every or VAL_EVERY
     summary = {"name": name, "seed": seed, "config": method.config(), "iterations": trainer.iteration,
-               "budget": its, "lr": cfg["lr"], "schedule": "constant", "weight_decay": trainer.weight_decay,
-               "batch_size": cfg["batch_size"], "lam": LAM, "init": "scratch",
+               "budget": its, "finished": trainer.iteration >= its, "lr": cfg["lr"], "schedule": "constant",
+               "weight_decay": trainer.weight_decay, "batch_size": cfg["batch_size"],
+               "lam": float(getattr(trainer.loss_fn, "lam", LAM)), "init": "scratch",
                "selected_iteration": best["iteration"] if best else None,
                "selected_val": {k: best[k] for k in ("dice", "dice_std", "folding_pct") if k in best} if best else None,
                "val_curve": [{k: r[k] for k in ("iteration", "dice", "folding_pct") if k in r} for r in vals],
                "train_curve": [{k: r[k] for k in TRAIN_CURVE_KEYS if k in r} for r in rows
-                               if r.get("split") == "train" and r.get("iteration", 0) % VAL_EVERY == 0],
+                               if r.get("split") == "train" and r.get("iteration", 0) % curve_every == 0],
                "train_time_s": round(train_s, 1), "this_call_s": round(time.perf_counter() - t0, 1),
                "threads": torch.get_num_threads(), "torch_version": str(torch.__version__),
                "device": "cpu", "data": DATA, "selection": SELECTION,
-               "stages": [{"from": start, "options": options} for start, options in stages]}
+               "stages": [{"from": start, "options": options} for start, options in stages], **(record or {})}
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
-    log(f"[{name} seed {seed}] done: {trainer.iteration} steps, best val Dice "
+    state = "done" if summary["finished"] else f"stopped by the time limit ({minutes:g} min; run it again to resume)"
+    log(f"[{name} seed {seed}] {state}: {trainer.iteration} of {its} steps, best val Dice "
         f"{best['dice'] if best else float('nan'):.4f} at {summary['selected_iteration']}, {train_s:.0f} s")
     return summary
+
+
+def _fit(trainer: Trainer, deadline: Optional[float] = None,
+         progress: Optional[Callable[[Trainer], None]] = None) -> None:
+    """``trainer.fit()``; with a ``deadline`` (``time.perf_counter()`` seconds) or a ``progress`` callback, in pieces
+    of ``checkpoint_every`` steps (``CHECKPOINT_EVERY`` when it is 0), calling ``progress(trainer)`` after each and
+    stopping after the piece during which the deadline passed (so every call makes progress: at least one piece).
+    Pieces give the same result as one fit (the data order and the RNG states depend on the iteration only)."""
+    if deadline is None and progress is None:
+        trainer.fit()
+        return
+    every = trainer.checkpoint_every or CHECKPOINT_EVERY
+    while trainer.iteration < trainer.iterations:
+        trainer.fit(until=min(trainer.iterations, (trainer.iteration // every + 1) * every))
+        if progress is not None:
+            progress(trainer)
+        if deadline is not None and time.perf_counter() >= deadline:
+            break
 
 
 def export(names: Sequence[str], runs: Path, out: Path, log: Callable[[str], None] = print) -> dict:

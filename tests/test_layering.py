@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent / "deqreg_lite"
 FLOORS: dict[int, list[str]] = {
     0: ["config", "_checks", "_contexts", "memory", "warp", "result", "losses", "metrics", "solvers"],
     1: ["nets", "deq", "checkpoints",
-        "datasets._nifti", "datasets.synthetic", "datasets.samples", "datasets.pairs", "datasets.download",
+        "datasets._nifti", "datasets.synthetic", "datasets.samples", "datasets.pairs", "datasets.volumes", "datasets.download",
         "datasets.learn2reg", "datasets.oasis", "datasets.nlst", "datasets"],
     2: ["classical",
         "methods.base", "methods._common", "methods.loss", "methods.voxelmorph", "methods.unrolling",

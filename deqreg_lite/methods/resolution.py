@@ -1,10 +1,12 @@
 """Run a registration method at a coarser resolution: :class:`HalfResolution`, itself a registration method.
 
 The shipped pretrained models were trained at 80 x 96 and take 160 x 192 images through this wrapper
-(:func:`deqreg_lite.pretrained.load_pretrained`).
+(:func:`deqreg_lite.pretrained.load_pretrained`); the small 3D models, trained at a fixed size (e.g. 32^3), take
+the shipped 96^3 volumes through it with ``size`` (:func:`deqreg_lite.pretrained.load_pretrained_3d`).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional, Sequence
 
 from torch import Tensor
@@ -31,17 +33,31 @@ class HalfResolution(RegistrationMethod):
     ``config()`` are the wrapped method's (a checkpoint of the wrapper's ``method`` rebuilds it unwrapped);
     :meth:`training_step` trains it on the downsampled pair.
 
+    With ``size``, the method runs at that fixed working size whatever the input's (a model trained at 32^3 then
+    sees 32^3 for a 96^3 and for a 48^3 input alike), and ``factor`` is only the nominal ratio recorded in ``info``.
+
     Args:
         method: the registration method to wrap.
         factor: integer resolution factor >= 1 (2: half resolution).
+        size: optional fixed working size, ``ndim`` integers >= 2 (default None: ``s // factor`` per axis).
     """
 
-    def __init__(self, method: RegistrationMethod, factor: int = 2) -> None:
+    def __init__(self, method: RegistrationMethod, factor: int = 2, size: Optional[Sequence[int]] = None) -> None:
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
+        if size is not None:
+            try:
+                items = tuple(size)
+            except TypeError:
+                items = ()
+            if len(items) != method.ndim or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                    and v >= 2 for v in items):
+                raise ValueError(f"size must be None or {method.ndim} integers >= 2 (the working size), got {size!r}")
+            size = tuple(int(v) for v in items)
         super().__init__(method.ndim)
         self.method = method
         self.factor = factor
+        self.size = size
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -56,10 +72,12 @@ class HalfResolution(RegistrationMethod):
         return self.method.config()
 
     def extra_repr(self) -> str:
-        return f"factor={self.factor}"
+        return f"factor={self.factor}" + (f", size={self.size}" if self.size is not None else "")
 
     def internal_size(self, spatial: Sequence[int]) -> tuple[int, ...]:
-        """The working size for an input of size ``spatial``."""
+        """The working size for an input of size ``spatial`` (``size`` when it is set)."""
+        if self.size is not None:
+            return self.size
         return tuple(max(2, int(s) // self.factor) for s in spatial)
 
     def downsample(self, fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
