@@ -23,7 +23,8 @@ It measures:
   count; for DEQ models the drift from exactly 48 to exactly 500 solver steps: Dice and folding change, and the
   largest displacement change (voxels at 160x192).
 * **Seeds**: for models trained with several seeds (``--runs``, the training runs of
-  ``scripts/train_pretrained.py``), each seed's selected checkpoint on the unseen pairs (mean Dice).
+  ``scripts/train_pretrained.py``), each finished seed's selected checkpoint on the unseen pairs (mean Dice); a run
+  without its ``run.json`` (still training) is left out.
 * **Checks**: issue 10's acceptance criteria, each with the measured value and pass/fail.
 
     python benchmarks/fair_tables.py --runs runs/pretrained   # results/fair_tables.{json,md}
@@ -152,7 +153,8 @@ def run(ckpt_dir: Path, runs: Path | None, n: int, steps: tuple, long_steps: int
     if runs is not None and runs.is_dir():
         for name in names:
             for folder in sorted(runs.glob(f"{name}-seed*")):
-                if not (folder / "best.pt").is_file():
+                if not (folder / "best.pt").is_file() or not (folder / "run.json").is_file():
+                    print(f"{folder.name}: not finished (no run.json): left out of the seed spread", flush=True)
                     continue
                 t = evaluate(load(folder / "best.pt"), data["unseen"], memory=False, hd95=False, name=folder.name)
                 res["seeds"].setdefault(name, {})[folder.name] = summary(t, ("dice", "folding_pct"))
