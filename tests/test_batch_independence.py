@@ -118,10 +118,11 @@ def test_pretrained_members_match_their_solo_runs(name):
     check_method(load_pretrained(name), fixed, moving)
 
 
-@pytest.mark.parametrize("name, tol", [("deqreg", 0.03), ("deqreg12", 0.5)])
+@pytest.mark.parametrize("name, tol", [("deqreg", 0.03), ("deqreg12", 0.05)])
 def test_deqreg_members_that_stop_at_different_steps(name, tol):
     """A tolerance that the pairs reach at different steps (or never): DEQReg stops each pair on its own.
-    (With these pairs, solo: deqreg stops at steps 7, 27 and 16; deqreg12 runs 12, stops at 5, runs 12.)"""
+    (With these pairs and the retrained checkpoints, solo: deqreg stops at steps 7, 8 and 7; deqreg12 stops at 8
+    and runs out at 12 twice.)"""
     if not available_pretrained().get(name):
         pytest.skip(f"no shipped checkpoint for {name}")
     model = load_pretrained(name)
