@@ -104,6 +104,19 @@ def _base(size: tuple[int, int]) -> dict:
     return _BASES[size]
 
 
+def check_index(index: int, n: int, owner: str) -> int:
+    """``index`` of a dataset of ``n`` items as a non-negative ``int`` (negative counts from the end, as in a list);
+    ``TypeError`` for a non-integer (``bool`` included), ``IndexError`` out of range, naming ``owner``."""
+    if not isinstance(index, numbers.Integral) or isinstance(index, bool):
+        raise TypeError(f"index must be an integer, got {type(index).__name__}")
+    index = int(index)
+    if index < 0:
+        index += n
+    if not 0 <= index < n:
+        raise IndexError(f"index {index} out of range for a {owner} of {n} items")
+    return index
+
+
 class PairDataset(Dataset):
     """A map-style dataset of generated 2D registration pairs (see the module docstring).
 
@@ -185,14 +198,7 @@ class PairDataset(Dataset):
         return [s for s in (self.item_seed(i) for i in range(self.n)) if s is not None]
 
     def _check_index(self, index: int) -> int:
-        if not isinstance(index, numbers.Integral) or isinstance(index, bool):
-            raise TypeError(f"index must be an integer, got {type(index).__name__}")
-        index = int(index)
-        if index < 0:
-            index += self.n
-        if not 0 <= index < self.n:
-            raise IndexError(f"index {index} out of range for a PairDataset of {self.n} items")
-        return index
+        return check_index(index, self.n, type(self).__name__)
 
     def __getitem__(self, index: int) -> dict:
         index = self._check_index(index)

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from .._checks import check_int
 from ..warp import integrate_velocity, resize_image, warp
-from .pairs import PAIR_KEYS, SEED_RANGES, item_seed
+from .pairs import PAIR_KEYS, SEED_RANGES, check_index, item_seed
 from .samples import load_sample
 from .synthetic import (_gaussian_blur, _generator, bias_field, random_intensities, random_intensity_change,
                         random_label_map, random_velocity, smooth_noise)
@@ -349,14 +349,7 @@ class VolumePairDataset(Dataset):
                 "shipped_anatomy": self.shipped_anatomy}
 
     def _check_index(self, index: int) -> int:
-        if not isinstance(index, numbers.Integral) or isinstance(index, bool):
-            raise TypeError(f"index must be an integer, got {type(index).__name__}")
-        index = int(index)
-        if index < 0:
-            index += self.n
-        if not 0 <= index < self.n:
-            raise IndexError(f"index {index} out of range for a VolumePairDataset of {self.n} items")
-        return index
+        return check_index(index, self.n, type(self).__name__)
 
     def kind(self, index: int) -> str:
         """The kind of item ``index``."""
