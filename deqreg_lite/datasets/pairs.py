@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .._checks import check_int
 from .samples import load_sample
 from .synthetic import deform_sample, random_intensity_change, synthetic_pair
 
@@ -104,6 +105,14 @@ def _base(size: tuple[int, int]) -> dict:
     return _BASES[size]
 
 
+def check_kinds(kinds: str | Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
+    """``kinds`` (one name or a sequence) as a non-empty tuple of names from ``allowed``; ``ValueError`` otherwise."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not kinds or any(k not in allowed for k in kinds):
+        raise ValueError(f"kinds must be a non-empty sequence of {tuple(allowed)}, got {kinds!r}")
+    return kinds
+
+
 def check_index(index: int, n: int, owner: str) -> int:
     """``index`` of a dataset of ``n`` items as a non-negative ``int`` (negative counts from the end, as in a list);
     ``TypeError`` for a non-integer (``bool`` included), ``IndexError`` out of range, naming ``owner``."""
@@ -143,18 +152,10 @@ class PairDataset(Dataset):
                  label_smoothness: float | None = None) -> None:
         if split not in SEED_RANGES:
             raise ValueError(f"split must be one of {tuple(SEED_RANGES)}, got {split!r}")
-        if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        self.split, self.n, self.size = split, int(n), _check_size(size)
+        self.split, self.n, self.size = split, check_int(n, "n", 1), _check_size(size)
         if kinds is None:
             kinds = PAIR_KINDS if split == "train" else ("brain", "inter")
-        if isinstance(kinds, str):
-            kinds = (kinds,)
-        kinds = tuple(kinds)
-        bad = [k for k in kinds if k not in PAIR_KINDS]
-        if not kinds or bad:
-            raise ValueError(f"kinds must be a non-empty sequence of {PAIR_KINDS}, got {kinds!r}")
-        self.kinds = kinds
+        self.kinds = check_kinds(kinds, PAIR_KINDS)
         item_seed(split, 0, seed)  # validates seed
         self.seed = int(seed)
         self.include_real = (split != "train") if include_real is None else bool(include_real)

@@ -47,7 +47,7 @@ from torch.utils.data import Dataset
 
 from .._checks import check_int
 from ..warp import integrate_velocity, resize_image, warp
-from .pairs import PAIR_KEYS, SEED_RANGES, check_index, item_seed
+from .pairs import PAIR_KEYS, SEED_RANGES, check_index, check_kinds, item_seed
 from .samples import load_sample
 from .synthetic import (_gaussian_blur, _generator, bias_field, random_intensities, random_intensity_change,
                         random_label_map, random_velocity, smooth_noise)
@@ -305,13 +305,7 @@ class VolumePairDataset(Dataset):
             raise ValueError(f"split must be one of {tuple(SEED_RANGES)}, got {split!r}")
         self.split, self.n = split, check_int(n, "n", 1)
         self.size = _check_shape3(size, "size")
-        if isinstance(kinds, str):
-            kinds = (kinds,)
-        kinds = tuple(kinds)
-        bad = [k for k in kinds if k not in VOLUME_KINDS]
-        if not kinds or bad:
-            raise ValueError(f"kinds must be a non-empty sequence of {VOLUME_KINDS}, got {kinds!r}")
-        self.kinds = kinds
+        self.kinds = check_kinds(kinds, VOLUME_KINDS)
         item_seed(split, 0, seed)  # validates seed
         self.seed = int(seed)
         m = min(self.size)
